@@ -8,7 +8,6 @@ what arrived), and look-ups lower-case the key they are asked for.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
-from typing import Union
 
 from ttrpc.ttrpc_pb2 import KeyValue
 
@@ -125,5 +124,5 @@ class Metadata(MutableMapping[str, list[str]]):
     __hash__ = None  # type: ignore[assignment]
 
 
-MetadataInit = Union[Metadata, Mapping[str, Union[str, Sequence[str]]], Iterable[tuple[str, str]]]
+MetadataInit = Metadata | Mapping[str, str | Sequence[str]] | Iterable[tuple[str, str]]
 """What :class:`Metadata` and the call APIs accept as metadata."""

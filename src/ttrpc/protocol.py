@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Union
 
 from google.protobuf.message import DecodeError
 
@@ -173,8 +172,11 @@ class CallFailed:
     error: RpcError
 
 
-ServerEvent = Union[RequestReceived]
-ClientEvent = Union[ResponseReceived, CallFailed]
+ClientEvent = ResponseReceived | CallFailed
+
+
+def _too_large(length: int, limit: int) -> str:
+    return f"message length {length} exceeds maximum message size of {limit}"
 
 
 def _status_response(code: int, message: str) -> bytes:
@@ -204,8 +206,7 @@ class ServerConnection:
                 self._reject(
                     frame.stream_id,
                     Code.RESOURCE_EXHAUSTED,
-                    f"message length {frame.length} exceeds maximum message size of "
-                    f"{self.max_message_length}",
+                    _too_large(frame.length, self.max_message_length),
                 )
                 continue
             assert type(frame) is Frame
@@ -214,19 +215,23 @@ class ServerConnection:
             try:
                 request = Request.FromString(frame.payload)
             except DecodeError as exc:
-                self._reject(frame.stream_id, Code.INVALID_ARGUMENT, f"unmarshal request error: {exc}")
+                self._reject(
+                    frame.stream_id, Code.INVALID_ARGUMENT, f"unmarshal request error: {exc}"
+                )
                 continue
             stream_id = frame.stream_id
             if not stream_id & 1:
                 self._reject(
-                    stream_id, Code.INVALID_ARGUMENT, "StreamID must be odd for client initiated streams"
+                    stream_id,
+                    Code.INVALID_ARGUMENT,
+                    "StreamID must be odd for client initiated streams",
                 )
                 continue
             if stream_id <= self._last_stream_id:
                 self._reject(
                     stream_id,
                     Code.INVALID_ARGUMENT,
-                    f"StreamID {stream_id} must be greater than the last one ({self._last_stream_id})",
+                    f"StreamID {stream_id} must be greater than {self._last_stream_id}",
                 )
                 continue
             self._last_stream_id = stream_id
@@ -234,7 +239,9 @@ class ServerConnection:
         return events
 
     def _reject(self, stream_id: int, code: int, message: str) -> None:
-        self._outbound += encode_frame(stream_id, MESSAGE_TYPE_RESPONSE, _status_response(code, message))
+        self._outbound += encode_frame(
+            stream_id, MESSAGE_TYPE_RESPONSE, _status_response(code, message)
+        )
 
     def data_to_send(self) -> bytes:
         """Answers queued by :meth:`receive_data` (empty when there are none)."""
@@ -299,11 +306,13 @@ class ClientConnection:
         if len(body) > self.max_message_length:
             raise RpcError(
                 Code.RESOURCE_EXHAUSTED,
-                f"message length {len(body)} exceeds maximum message size of {self.max_message_length}",
+                _too_large(len(body), self.max_message_length),
             )
         stream_id = self._next_stream_id
         if stream_id > 0xFFFFFFFF:
-            raise RpcError(Code.RESOURCE_EXHAUSTED, "ttrpc: stream ids exhausted on this connection")
+            raise RpcError(
+                Code.RESOURCE_EXHAUSTED, "ttrpc: stream ids exhausted on this connection"
+            )
         self._next_stream_id = stream_id + 2
         self._pending.add(stream_id)
         return stream_id, _pack_header(len(body), stream_id, MESSAGE_TYPE_REQUEST, 0) + body
@@ -326,8 +335,7 @@ class ClientConnection:
                         stream_id,
                         RpcError(
                             Code.RESOURCE_EXHAUSTED,
-                            f"message length {frame.length} exceeds maximum message size of "
-                            f"{self.max_message_length}",
+                            _too_large(frame.length, self.max_message_length),
                         ),
                     )
                 )
@@ -336,7 +344,9 @@ class ClientConnection:
             try:
                 response = Response.FromString(frame.payload)
             except DecodeError as exc:
-                events.append(CallFailed(stream_id, RpcError(Code.INTERNAL, f"undecodable response: {exc}")))
+                events.append(
+                    CallFailed(stream_id, RpcError(Code.INTERNAL, f"undecodable response: {exc}"))
+                )
                 continue
             events.append(ResponseReceived(stream_id, response))
         return events

@@ -118,14 +118,16 @@ class Client:
             future = waiters.get(event.stream_id)
             if future is None or future.done():
                 continue
-            if type(event) is CallFailed:
+            if isinstance(event, CallFailed):
                 future.set_exception(event.error)
             else:
                 future.set_result(event.response)
 
     def _connection_lost(self, exc: Exception | None) -> None:
         if self._error is None:
-            reason = "ttrpc: connection closed" if exc is None else f"ttrpc: connection closed: {exc}"
+            reason = (
+                "ttrpc: connection closed" if exc is None else f"ttrpc: connection closed: {exc}"
+            )
             self._error = ConnectionClosed(reason)
         for future in self._waiters.values():
             if not future.done():
@@ -175,7 +177,11 @@ async def connect(
     max_message_length: int = MAX_MESSAGE_LENGTH,
     on_close: Callable[[], object] | None = None,
 ) -> Client:
-    """Connect to a ttrpc server: ``unix:///path``, ``unix://@name``, a path, ``fd://N``, or a socket."""
+    """Connect to a ttrpc server.
+
+    ``address`` is ``unix:///path``, ``unix://@name``, a bare path, ``fd://N``
+    or an already connected socket.
+    """
     if isinstance(address, socket.socket):
         sock = address
     else:

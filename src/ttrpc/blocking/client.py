@@ -86,13 +86,14 @@ class Client:
         """One unary call; raises :class:`RpcError` for a non-OK status. Safe from any thread."""
         wire, deadline = build_request(service, method, request, ctx)
         waiter = _Waiter()
-        with self._lock:
-            if self._error is not None:
-                raise self._error
-            stream_id, frame = self._conn.send_request(wire)
-            self._waiters[stream_id] = waiter
         try:
+            # Ids are allocated and written under one lock: the server requires them increasing.
             with self._send_lock:
+                with self._lock:
+                    if self._error is not None:
+                        raise self._error
+                    stream_id, frame = self._conn.send_request(wire)
+                    self._waiters[stream_id] = waiter
                 self._sock.sendall(frame)
         except OSError as exc:
             self._fail(exc)
@@ -102,7 +103,7 @@ class Client:
         while True:
             with self._lock:
                 if waiter.signalled:
-                    # Re-arm: the lock is held again afterwards whether or not we consumed the signal.
+                    # Re-arm: afterwards the lock is held, whether or not we consumed the signal.
                     waiter.signalled = False
                     waiter.wake.acquire(False)
                 if waiter.done:
@@ -143,7 +144,7 @@ class Client:
                         w = waiters.pop(event.stream_id, None)
                         if w is None:
                             continue
-                        if type(event) is CallFailed:
+                        if isinstance(event, CallFailed):
                             w.error = event.error
                         else:
                             w.response = event.response
@@ -177,7 +178,9 @@ class Client:
         with self._lock:
             if self._error is not None:
                 return
-            reason = "ttrpc: connection closed" if exc is None else f"ttrpc: connection closed: {exc}"
+            reason = (
+                "ttrpc: connection closed" if exc is None else f"ttrpc: connection closed: {exc}"
+            )
             self._error = error = ConnectionClosed(reason)
             for w in self._waiters.values():
                 w.error = error
@@ -225,6 +228,12 @@ def connect(
     max_message_length: int = MAX_MESSAGE_LENGTH,
     on_close: Callable[[], object] | None = None,
 ) -> Client:
-    """Connect to a ttrpc server: ``unix:///path``, ``unix://@name``, a path, ``fd://N``, or a socket."""
-    sock = address if isinstance(address, socket.socket) else _address.connect_socket(address, timeout)
+    """Connect to a ttrpc server.
+
+    ``address`` is ``unix:///path``, ``unix://@name``, a bare path, ``fd://N``
+    or an already connected socket.
+    """
+    sock = (
+        address if isinstance(address, socket.socket) else _address.connect_socket(address, timeout)
+    )
     return Client(sock, max_message_length=max_message_length, on_close=on_close)

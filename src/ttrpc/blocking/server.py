@@ -42,7 +42,9 @@ class _Deadlines:
     def add(self, deadline: float, conn: _Connection, stream_id: int) -> None:
         with self._cond:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="ttrpc-deadlines", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name="ttrpc-deadlines", daemon=True
+                )
                 self._thread.start()
             self._seq += 1
             heapq.heappush(self._heap, (deadline, self._seq, conn, stream_id))
@@ -124,7 +126,9 @@ class _Connection:
     def _run(self, stream_id: int, method: Method, message: Message, ctx: Context) -> None:
         conn = self._conn
         try:
-            frame = conn.encode_response(stream_id, encode_result(method, method.handler(message, ctx)))
+            frame = conn.encode_response(
+                stream_id, encode_result(method, method.handler(message, ctx))
+            )
         except Exception as exc:
             if not isinstance(exc, RpcError):
                 log.debug("ttrpc: handler %s raised", ctx.method, exc_info=True)
@@ -143,10 +147,8 @@ class _Connection:
         with self._lock:
             if self._calls.pop(stream_id, None) is None or self._closed:
                 return  # already answered (deadline) or the connection is gone
-            try:
+            with contextlib.suppress(OSError):
                 self._sock.sendall(frame)
-            except OSError:
-                pass
             idle = not self._calls
         if idle and self._server._shutting_down:
             self.close()
@@ -216,7 +218,9 @@ class Server:
         owned = listener if isinstance(listener, str) else None
         sock = _address.listen(listener) if isinstance(listener, str) else listener
         sock.setblocking(True)
-        thread = threading.Thread(target=self._accept_loop, args=(sock,), name="ttrpc-accept", daemon=True)
+        thread = threading.Thread(
+            target=self._accept_loop, args=(sock,), name="ttrpc-accept", daemon=True
+        )
         with self._lock:
             self._listeners.append((sock, owned, thread))
         thread.start()
