@@ -7,7 +7,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from google.protobuf.message import Message
 
@@ -93,8 +93,7 @@ class Client:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Response] = loop.create_future()
         self._waiters[stream_id] = future
-        transport = self._transport
-        assert isinstance(transport, asyncio.WriteTransport)
+        transport = cast(asyncio.WriteTransport, self._transport)
         timer = None
         try:
             transport.write(frame)

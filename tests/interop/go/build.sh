@@ -31,7 +31,8 @@ mkdir -p "$1"
 out=$(cd "$1" && pwd)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/ttrpc-interop-go.XXXXXX")
-trap 'rm -rf "$work"' EXIT INT TERM
+trap 'rm -rf "$work"' EXIT
+trap 'exit 1' INT TERM HUP
 
 # GOPATH mode, no network, static binaries.
 export GO111MODULE=off GOPROXY=off GOFLAGS= CGO_ENABLED=0
@@ -48,7 +49,7 @@ src="$work/gopath/src/ttrpcinterop"
 mkdir -p "$src" "$work/bin"
 
 # 1. The ttrpc protoc plugin, from the packaged sources.
-go build -o "$work/bin/protoc-gen-gogottrpc" github.com/containerd/ttrpc/cmd/protoc-gen-gogottrpc
+go build -trimpath -o "$work/bin/protoc-gen-gogottrpc" github.com/containerd/ttrpc/cmd/protoc-gen-gogottrpc
 
 # 2. Generate ttrpcinterop/interop from interop.proto (its go_package says
 #    "ttrpcinterop/interop", so the output lands in $src/interop).
@@ -62,9 +63,9 @@ for pkg in cli go-server go-client; do
 	cp "$here/$pkg"/*.go "$src/$pkg/"
 done
 
-# 4. The two binaries.
-for cmd in go-server go-client; do
-	go build -trimpath -ldflags "-s -w" -o "$out/$cmd" "ttrpcinterop/$cmd"
-done
+# 4. The two binaries, in one go (a directory -o names them after their
+#    packages).
+go build -trimpath -ldflags "-s -w" -o "$out/" ttrpcinterop/go-server ttrpcinterop/go-client
+[ -x "$out/go-server" ] && [ -x "$out/go-client" ] || die "go build did not produce both binaries"
 
 echo "built $out/go-server $out/go-client"

@@ -176,8 +176,8 @@ func run() int {
 		return 2
 	}
 	if !*verbose {
-		// The Go client logs late responses ("unknown channel"), which the
-		// checks provoke on purpose.
+		// Keep the Go ttrpc client's logrus chatter (e.g. about responses
+		// on unknown streams) out of the way unless asked for.
 		logrus.SetOutput(io.Discard)
 	}
 	re, err := regexp.Compile(*filter)
@@ -256,6 +256,7 @@ func checks() []check {
 		{name: "raw/echo", run: checkRawEcho},
 		{name: "raw/even-stream-id", run: checkRawEvenID},
 		{name: "raw/oversize-request", timeout: 30 * time.Second, run: checkRawOversizeRequest},
+		{name: "raw/request-exactly-limit", timeout: 30 * time.Second, run: checkRawExactLimit},
 		{name: "raw/unknown-frame-type", run: checkRawUnknownType},
 		{name: "raw/undecodable-request", run: checkRawGarbageRequest},
 		{name: "raw/undecodable-payload", run: checkRawGarbagePayload},

@@ -239,6 +239,38 @@ func checkRawOversizeRequest(e *env) error {
 	return c.stillWorks(3)
 }
 
+// checkRawExactLimit sends a request frame whose payload is exactly 4 MiB:
+// the limit is inclusive, so it must be served normally.
+func checkRawExactLimit(e *env) error {
+	c, err := e.raw()
+	if err != nil {
+		return err
+	}
+	echoReq := &interop.EchoRequest{Data: make([]byte, maxFrame-64)}
+	payload := requestPayload("Echo", echoReq)
+	for len(payload) != maxFrame {
+		echoReq.Data = make([]byte, len(echoReq.Data)+maxFrame-len(payload))
+		payload = requestPayload("Echo", echoReq)
+	}
+	written := make(chan error, 1)
+	go func() { written <- c.write(frame(1, typeRequest, payload)) }()
+	resp, err := c.expectStatus(1, codes.OK)
+	if err != nil {
+		return err
+	}
+	if err := <-written; err != nil {
+		return err
+	}
+	var er interop.EchoResponse
+	if err := proto.Unmarshal(resp.Payload, &er); err != nil {
+		return fmt.Errorf("undecodable EchoResponse: %v", err)
+	}
+	if len(er.Data) != len(echoReq.Data) {
+		return fmt.Errorf("echoed %d bytes, want %d", len(er.Data), len(echoReq.Data))
+	}
+	return c.stillWorks(3)
+}
+
 func checkRawUnknownType(e *env) error {
 	c, err := e.raw()
 	if err != nil {

@@ -1,0 +1,161 @@
+"""Serve the Interop service with ttrpc's asyncio server, for conformance peers.
+
+    python tests/interop/server.py ADDRESS [--require-same-user] [--blocking]
+
+Serves with ``ttrpc.aio.Server``, or ``ttrpc.blocking.Server`` with
+``--blocking``. Prints ``READY`` once listening; exits 0 on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import interop_pb2 as pb
+from google.protobuf.any_pb2 import Any
+from interop_ttrpc import InteropBlockingService, InteropService
+
+import ttrpc
+import ttrpc.aio
+import ttrpc.blocking
+
+FAIL_DETAIL_URL = "type.googleapis.com/ttrpc.interop.v1.FailDetail"
+
+
+def echo(request: pb.EchoRequest) -> pb.EchoResponse:
+    return pb.EchoResponse(data=request.data, text=request.text, number=request.number)
+
+
+def fail(request: pb.FailRequest) -> ttrpc.RpcError:
+    if request.code == 0:
+        return ttrpc.RpcError(ttrpc.Code.INVALID_ARGUMENT, "Fail needs a non-zero code")
+    details = [
+        Any(type_url=FAIL_DETAIL_URL, value=pb.FailDetail(detail=d).SerializeToString())
+        for d in request.details
+    ]
+    return ttrpc.RpcError(request.code, request.message, details)
+
+
+def metadata(ctx: ttrpc.Context | None) -> pb.MetadataResponse:
+    assert ctx is not None
+    pairs = sorted(ctx.metadata.pairs(), key=lambda kv: kv[0].encode())
+    remaining = ctx.time_remaining()
+    return pb.MetadataResponse(
+        pairs=[pb.KeyValue(key=k, value=v) for k, v in pairs],
+        has_deadline=remaining is not None,
+        deadline_remaining_ns=0 if remaining is None else max(0, int(remaining * 1e9)),
+    )
+
+
+def pattern(length: int) -> bytes:
+    """data[i] = i % 251."""
+    block = bytes(range(251))
+    return (block * (length // 251 + 1))[:length]
+
+
+# Our servers always enforce deadlines (they cancel the handler and answer
+# DEADLINE_EXCEEDED), so Sleep's ignore_deadline cannot switch that off here.
+
+
+class Interop(InteropService):
+    """The semantics written next to each method in interop.proto, for the asyncio server."""
+
+    async def Echo(
+        self, request: pb.EchoRequest, ctx: ttrpc.Context | None = None
+    ) -> pb.EchoResponse:
+        return echo(request)
+
+    async def Fail(
+        self, request: pb.FailRequest, ctx: ttrpc.Context | None = None
+    ) -> pb.FailResponse:
+        raise fail(request)
+
+    async def Sleep(
+        self, request: pb.SleepRequest, ctx: ttrpc.Context | None = None
+    ) -> pb.SleepResponse:
+        # The server cancels this at the deadline.
+        start = time.monotonic()
+        await asyncio.sleep(request.duration_ms / 1000)
+        return pb.SleepResponse(slept_ms=int((time.monotonic() - start) * 1000))
+
+    async def Metadata(
+        self, request: pb.MetadataRequest, ctx: ttrpc.Context | None = None
+    ) -> pb.MetadataResponse:
+        return metadata(ctx)
+
+    async def Big(self, request: pb.BigRequest, ctx: ttrpc.Context | None = None) -> pb.BigResponse:
+        return pb.BigResponse(data=pattern(request.length))
+
+
+class BlockingInterop(InteropBlockingService):
+    """The same, for the blocking server."""
+
+    def Echo(self, request: pb.EchoRequest, ctx: ttrpc.Context | None = None) -> pb.EchoResponse:
+        return echo(request)
+
+    def Fail(self, request: pb.FailRequest, ctx: ttrpc.Context | None = None) -> pb.FailResponse:
+        raise fail(request)
+
+    def Sleep(self, request: pb.SleepRequest, ctx: ttrpc.Context | None = None) -> pb.SleepResponse:
+        assert ctx is not None
+        start = time.monotonic()
+        end = start + request.duration_ms / 1000
+        # A blocking handler cannot be interrupted: it works in slices and stops once cancelled.
+        while not ctx.cancelled and (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 0.01))
+        return pb.SleepResponse(slept_ms=int((time.monotonic() - start) * 1000))
+
+    def Metadata(
+        self, request: pb.MetadataRequest, ctx: ttrpc.Context | None = None
+    ) -> pb.MetadataResponse:
+        return metadata(ctx)
+
+    def Big(self, request: pb.BigRequest, ctx: ttrpc.Context | None = None) -> pb.BigResponse:
+        return pb.BigResponse(data=pattern(request.length))
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("address")
+    parser.add_argument("--require-same-user", action="store_true")
+    parser.add_argument("--blocking", action="store_true", help="use the blocking server")
+    args = parser.parse_args()
+    handshake = ttrpc.require_same_user() if args.require_same_user else None
+    if args.blocking:
+        serve_blocking(args.address, handshake)
+        return 0
+    server = ttrpc.aio.Server(handshake=handshake)
+    server.register(Interop())
+    await server.start(args.address)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("READY", flush=True)
+    await stop.wait()
+    await server.shutdown(timeout=2)
+    return 0
+
+
+def serve_blocking(address: str, handshake: ttrpc.handshake.Handshake | None) -> None:
+    server = ttrpc.blocking.Server(handshake=handshake)
+    server.register(BlockingInterop())
+    server.start(address)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print("READY", flush=True)
+    while not stop.wait(3600):
+        pass
+    server.shutdown(timeout=2)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
