@@ -14,7 +14,7 @@ trap 'rm -rf "$tmp"' EXIT
 # Each job: committed output directory, include directory, extra protoc outputs.
 # The .proto files are every *.proto under the include directory.
 jobs=(
-    "src|proto|--python_out --pyi_out"
+    "src|proto|--python_out --pyi_out --ttrpc_out"
     "tests/interop|tests/interop|--python_out --pyi_out --ttrpc_out"
     "tests/codegen|tests/codegen|--python_out --pyi_out --ttrpc_out"
     "examples|examples|--python_out --pyi_out --ttrpc_out"

@@ -1,0 +1,58 @@
+"""``containerd-shim-pyrunc-v2``: the runtime v2 binary (``start``, ``delete``, or the daemon)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from containerd_shim.flags import parse
+
+__all__ = ["main"]
+
+
+def _self_argv() -> list[str]:
+    """How to run this shim again (for the daemon): the same interpreter and module."""
+    return [sys.executable, "-m", "containerd_shim"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    flags = parse(sys.argv[1:] if argv is None else argv)
+    if flags.version:
+        from ttrpc import __version__
+
+        print(f"{os.path.basename(sys.argv[0])}:")
+        print(f"  Version:  {__version__}")
+        print("  Runtime:  io.containerd.pyrunc.v2")
+        return 0
+    try:
+        if flags.action == "start":
+            from containerd_shim.manager import start
+
+            address = start(flags, _self_argv())
+            sys.stdout.write(address)
+            sys.stdout.flush()
+            return 0
+        if flags.action == "delete":
+            from containerd_shim.manager import delete
+
+            sys.stdout.buffer.write(delete(flags))
+            sys.stdout.flush()
+            return 0
+        if flags.action:
+            raise SystemExit(f"unknown action {flags.action!r}")
+        from containerd_shim.serve import serve
+
+        return serve(flags)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            sys.stderr.write(f"io.containerd.pyrunc.v2: {exc.code}")
+            return 1
+        raise
+    except Exception as exc:
+        # containerd shows this text (stdout and stderr together) as the failure.
+        sys.stderr.write(f"io.containerd.pyrunc.v2: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""containerd API messages and services, generated from our own .proto files in proto/."""

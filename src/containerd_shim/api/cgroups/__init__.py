@@ -1,0 +1,1 @@
+"""Messages of github.com/containerd/cgroups (cgroup statistics)."""

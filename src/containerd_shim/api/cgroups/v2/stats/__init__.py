@@ -1,0 +1,1 @@
+"""io.containerd.cgroups.v2: cgroup v2 statistics (Task.Stats payload)."""

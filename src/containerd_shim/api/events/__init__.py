@@ -1,0 +1,1 @@
+"""containerd.events: the task events a shim publishes."""

@@ -1,0 +1,1 @@
+"""Runtime (shim) APIs of containerd."""

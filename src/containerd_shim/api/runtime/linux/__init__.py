@@ -1,0 +1,1 @@
+"""Legacy linux runtime (runtime v1) types."""

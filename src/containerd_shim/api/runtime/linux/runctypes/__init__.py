@@ -1,0 +1,1 @@
+"""containerd.linux.runc: options of the runtime v1 runc shim."""

@@ -1,0 +1,1 @@
+"""Runtime v1 (legacy, one shim per container)."""

@@ -1,0 +1,1 @@
+"""Runtime v1 shim API."""

@@ -1,0 +1,1 @@
+"""containerd.runc.v1: options of the runtime v2 runc shims."""

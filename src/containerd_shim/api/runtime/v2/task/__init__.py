@@ -1,0 +1,1 @@
+"""containerd.task.v2: the runtime v2 Task service and its messages."""

@@ -1,0 +1,1 @@
+"""containerd services a shim calls back."""

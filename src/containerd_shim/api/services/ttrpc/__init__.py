@@ -1,0 +1,1 @@
+"""containerd services served over ttrpc."""

@@ -1,0 +1,1 @@
+"""The ttrpc events service."""

@@ -1,0 +1,1 @@
+"""containerd.types: shared messages (Mount, Metric)."""

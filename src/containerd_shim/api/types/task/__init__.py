@@ -1,0 +1,1 @@
+"""containerd.v1.types: process status and descriptions."""

@@ -1,0 +1,123 @@
+"""Publishing task events to containerd.
+
+Events go to containerd's ttrpc socket (``TTRPC_ADDRESS``) with
+``containerd.services.events.ttrpc.v1.Events/Forward``, one at a time and
+in order, from a single thread. The queue is bounded: when containerd is
+away for long, the oldest events are dropped (with a log line) rather than
+blocking the shim or growing without limit. Failed sends are retried with
+backoff, so a containerd restart loses nothing the queue could hold.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+from google.protobuf.any_pb2 import Any
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+import ttrpc.blocking
+from containerd_shim.api.services.ttrpc.events.v1.events_pb2 import Envelope, ForwardRequest
+from containerd_shim.api.services.ttrpc.events.v1.events_ttrpc import EventsBlockingClient
+from ttrpc import Context, RpcError
+
+log = logging.getLogger("containerd_shim")
+
+__all__ = ["Publisher", "any_of"]
+
+QUEUE_LIMIT = 1024
+SEND_TIMEOUT = 5.0
+MAX_ATTEMPTS = 8
+
+
+def any_of(message: Message) -> Any:
+    """Pack an event the way containerd's typeurl does: the type URL is the bare message name."""
+    return Any(type_url=message.DESCRIPTOR.full_name, value=message.SerializeToString())
+
+
+class Publisher:
+    """Forwards events to containerd from a background thread."""
+
+    def __init__(self, address: str, namespace: str, *, queue_limit: int = QUEUE_LIMIT) -> None:
+        self.address = address
+        self.namespace = namespace
+        self._queue: collections.deque[Envelope] = collections.deque()
+        self._limit = queue_limit
+        self._cond = threading.Condition()
+        self._closed = False
+        self._idle = threading.Event()
+        self._idle.set()
+        self._conn: ttrpc.blocking.Client | None = None
+        self._thread = threading.Thread(target=self._run, name="events", daemon=True)
+        self._thread.start()
+
+    def publish(self, topic: str, event: Message, namespace: str | None = None) -> None:
+        """Queue an event; never blocks."""
+        stamp = Timestamp()
+        stamp.GetCurrentTime()
+        envelope = Envelope(
+            timestamp=stamp, namespace=namespace or self.namespace, topic=topic, event=any_of(event)
+        )
+        with self._cond:
+            if self._closed:
+                return
+            if len(self._queue) >= self._limit:
+                dropped = self._queue.popleft()
+                log.error("event queue full: dropping the oldest event (%s)", dropped.topic)
+            self._queue.append(envelope)
+            self._idle.clear()
+            self._cond.notify()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued has been sent (or given up on)."""
+        return self._idle.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued (for at most ``timeout``), then stop."""
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(1)
+        if self._conn is not None:
+            self._conn.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._idle.set()
+                    self._cond.wait()
+                if self._closed:
+                    self._idle.set()
+                    return
+                envelope = self._queue[0]
+            self._send(envelope)
+            with self._cond:
+                if self._queue and self._queue[0] is envelope:
+                    self._queue.popleft()
+
+    def _send(self, envelope: Envelope) -> None:
+        delay = 0.1
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = ttrpc.blocking.connect(self.address, timeout=SEND_TIMEOUT)
+                EventsBlockingClient(self._conn).Forward(
+                    ForwardRequest(envelope=envelope), Context(timeout=SEND_TIMEOUT)
+                )
+                return
+            except (OSError, RpcError) as exc:
+                log.warning("publish %s (attempt %d) failed: %s", envelope.topic, attempt, exc)
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+                with self._cond:
+                    if self._closed:
+                        return
+                time.sleep(delay)  # backoff between retries, not synchronisation
+                delay = min(delay * 2, 2.0)
+        log.error("dropping event %s after %d attempts", envelope.topic, MAX_ATTEMPTS)

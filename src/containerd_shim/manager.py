@@ -1,0 +1,219 @@
+"""The runtime v2 binary contract: ``start`` launches the daemon, ``delete`` cleans up after it.
+
+containerd runs ``containerd-shim-pyrunc-v2 -namespace NS -address A
+-publish-binary B -id ID start`` in the bundle directory and reads the
+shim's address from its stdout (stdout and stderr together in 1.6, so
+nothing else may be printed). ``delete`` runs after every shim disconnect
+and answers with a protobuf DeleteResponse on stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from containerd_shim.flags import Flags
+
+if TYPE_CHECKING:
+    from containerd_shim.api.runtime.v2.runc.options.oci_pb2 import Options
+
+__all__ = ["SOCKET_DIR", "delete", "socket_address", "start"]
+
+SOCKET_DIR = "/run/containerd/s"
+SOCKET_PATH_LIMIT = 106
+# Containers sharing one of these annotation values share one shim.
+GROUP_LABELS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
+
+
+def socket_address(containerd_address: str, namespace: str, group: str) -> str:
+    """``unix:///run/containerd/s/<sha256 of address/namespace/id>``, as containerd's shims do."""
+    digest = hashlib.sha256(os.path.join(containerd_address, namespace, group).encode()).hexdigest()
+    return f"unix://{SOCKET_DIR}/{digest}"
+
+
+def _path(address: str) -> str:
+    return address[len("unix://") :]
+
+
+def _can_connect(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(2)
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def _listen(path: str) -> socket.socket:
+    from ttrpc.address import listen
+
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    return listen(path, mode=0o600)
+
+
+def write_atomic(path: str, data: str) -> None:
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}")
+    with open(tmp, "w") as f:
+        f.write(data)
+    os.rename(tmp, path)
+
+
+def _group(bundle: str, container_id: str) -> str:
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            annotations = json.load(f).get("annotations") or {}
+    except (OSError, ValueError):
+        return container_id
+    for label in GROUP_LABELS:
+        if annotations.get(label):
+            return str(annotations[label])
+    return container_id
+
+
+def start(flags: Flags, binary_argv: list[str]) -> str:
+    """Start (or reuse) the daemon for this container; return its address."""
+    from containerd_shim.service import validate_id
+
+    validate_id(flags.id)
+    if not flags.namespace:
+        raise SystemExit("shim namespace cannot be empty")
+    bundle = os.getcwd()
+    address = socket_address(flags.address, flags.namespace, _group(bundle, flags.id))
+    path = _path(address)
+    if len(path) > SOCKET_PATH_LIMIT:
+        raise SystemExit(f"{path!r}: unix socket path too long (> {SOCKET_PATH_LIMIT})")
+    try:
+        listener = _listen(path)
+    except OSError as exc:
+        if exc.errno != 98:  # EADDRINUSE
+            raise
+        if _can_connect(path):
+            # A live shim serves this group already: share it.
+            write_atomic(os.path.join(bundle, "address"), address)
+            return address
+        os.unlink(path)
+        listener = _listen(path)
+    try:
+        write_atomic(os.path.join(bundle, "address"), address)
+        argv = [
+            *binary_argv,
+            "-namespace",
+            flags.namespace,
+            "-id",
+            flags.id,
+            "-address",
+            flags.address,
+        ]
+        if flags.publish_binary:
+            argv += ["-publish-binary", flags.publish_binary]
+        if flags.debug:
+            argv.append("-debug")
+        pid = _spawn_daemon(argv, listener.fileno())
+    except BaseException:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    listener.close()
+    try:
+        options = _read_options_from_stdin()
+        if options is not None and options.shim_cgroup:
+            from containerd_shim.cgroups import add_process_to_cgroup
+
+            add_process_to_cgroup(options.shim_cgroup, pid)
+        adjust_oom_score(pid, os.getppid())
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return address
+
+
+def _spawn_daemon(argv: list[str], listener_fd: int) -> int:
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        # Nothing inherited on 0-2: containerd reads our stdout until EOF.
+        actions = [
+            (os.POSIX_SPAWN_DUP2, devnull, 0),
+            (os.POSIX_SPAWN_DUP2, devnull, 1),
+            (os.POSIX_SPAWN_DUP2, devnull, 2),
+            (os.POSIX_SPAWN_DUP2, listener_fd, 3),
+        ]
+        return os.posix_spawn(argv[0], argv, dict(os.environ), file_actions=actions, setsid=True)
+    finally:
+        os.close(devnull)
+
+
+def _read_options_from_stdin() -> Options | None:
+    """containerd 1.6 passes the runtime options (an Any) on stdin."""
+    try:
+        if os.isatty(0):
+            return None
+        data = sys.stdin.buffer.read()
+    except (OSError, ValueError):
+        return None
+    if not data:
+        return None
+    from google.protobuf.any_pb2 import Any
+
+    from containerd_shim.api.runtime.v2.runc.options.oci_pb2 import Options
+
+    any_ = Any.FromString(data)
+    if not any_.type_url.endswith("containerd.runc.v1.Options"):
+        return None
+    return Options.FromString(any_.value)
+
+
+def adjust_oom_score(pid: int, parent: int) -> None:
+    """The shim's OOM score is containerd's plus one: under memory pressure it goes first."""
+    with open(f"/proc/{parent}/oom_score_adj") as f:
+        score = int(f.read().strip())
+    score = min(score + 1, 1000)
+    with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+        f.write(str(score))
+
+
+def delete(flags: Flags) -> bytes:
+    """Clean up after a shim that is gone: runc delete, unmount, remove the socket.
+
+    Returns the serialized DeleteResponse.
+    """
+    from containerd_shim import mount
+    from containerd_shim.api.runtime.v2.task.shim_pb2 import DeleteResponse
+    from containerd_shim.reaper import Reaper
+    from containerd_shim.runc import RuncError
+    from containerd_shim.service import make_runc, read_options, timestamp, validate_id
+
+    validate_id(flags.id)
+    bundle = os.path.realpath(flags.bundle or os.getcwd())
+    reaper = Reaper()
+    reaper.start()
+    options = read_options(bundle)
+    runc = make_runc(reaper, bundle, flags.namespace, options)
+    try:
+        runc.delete(flags.id, force=True)
+    except RuncError as exc:
+        if "does not exist" not in exc.message:
+            print(f"runc delete: {exc.message}", file=sys.stderr)
+    with contextlib.suppress(mount.MountError):
+        mount.unmount_all(reaper, os.path.join(bundle, "rootfs"))
+    pid = 0
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(bundle, "init.pid")) as f:
+        pid = int(f.read().strip())
+    with contextlib.suppress(OSError):
+        with open(os.path.join(bundle, "address")) as f:
+            address = f.read().strip()
+        if address.startswith("unix://") and not _can_connect(_path(address)):
+            os.unlink(_path(address))
+    return DeleteResponse(
+        pid=pid, exit_status=128 + 9, exited_at=timestamp(time.time())
+    ).SerializeToString()
