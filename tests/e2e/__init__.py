@@ -1,0 +1,1 @@
+"""End-to-end tests: real containers through a private containerd, per shim runtime."""
