@@ -1,23 +1,33 @@
 """ttrpc: containerd's lightweight RPC protocol, wire-compatible with Go ttrpc.
 
 The asyncio API lives in :mod:`ttrpc.aio`, the blocking (threaded) one in
-:mod:`ttrpc.blocking`; both share everything exported here.
+:mod:`ttrpc.blocking`; both share everything exported here. The names below
+are loaded on first use, so ``import ttrpc`` alone (a command line, say)
+does not pay for protobuf.
 """
 
-from ttrpc.context import Context
-from ttrpc.handshake import (
-    ANY,
-    PeerCredentials,
-    require_root,
-    require_same_user,
-    require_uid_gid,
-)
-from ttrpc.metadata import Metadata
-from ttrpc.protocol import MAX_MESSAGE_LENGTH
-from ttrpc.service import Method, Service
-from ttrpc.status import Code, ConnectionClosed, RpcError
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "ANY": "ttrpc.handshake",
+    "PeerCredentials": "ttrpc.handshake",
+    "require_root": "ttrpc.handshake",
+    "require_same_user": "ttrpc.handshake",
+    "require_uid_gid": "ttrpc.handshake",
+    "Context": "ttrpc.context",
+    "Metadata": "ttrpc.metadata",
+    "MAX_MESSAGE_LENGTH": "ttrpc.protocol",
+    "Method": "ttrpc.service",
+    "Service": "ttrpc.service",
+    "Code": "ttrpc.status",
+    "ConnectionClosed": "ttrpc.status",
+    "RpcError": "ttrpc.status",
+}
 
 __all__ = [
     "ANY",
@@ -34,3 +44,30 @@ __all__ = [
     "require_same_user",
     "require_uid_gid",
 ]
+
+if TYPE_CHECKING:
+    from ttrpc.context import Context
+    from ttrpc.handshake import (
+        ANY,
+        PeerCredentials,
+        require_root,
+        require_same_user,
+        require_uid_gid,
+    )
+    from ttrpc.metadata import Metadata
+    from ttrpc.protocol import MAX_MESSAGE_LENGTH
+    from ttrpc.service import Method, Service
+    from ttrpc.status import Code, ConnectionClosed, RpcError
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ttrpc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*_EXPORTS, "__version__"})

@@ -12,7 +12,6 @@ message type, flags: uint8) and a payload of at most
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
@@ -38,6 +37,8 @@ __all__ = [
 
 HEADER_LENGTH = 10
 MAX_MESSAGE_LENGTH = 4 << 20
+#: Bytes a driver reads from the socket at once (into a buffer it keeps).
+READ_SIZE = 64 * 1024
 #: The length field is 32 bits, but the first byte must stay zero so peers
 #: can tell a ttrpc frame from other traffic; no limit may go beyond this.
 PROTOCOL_MAX_MESSAGE_LENGTH = (1 << 24) - 1
@@ -49,6 +50,9 @@ MESSAGE_TYPE_DATA = 0x3
 FLAG_REMOTE_CLOSED = 0x1
 FLAG_REMOTE_OPEN = 0x2
 FLAG_NO_DATA = 0x4
+
+Buffer = bytes | bytearray | memoryview
+"""What the readers accept: any contiguous bytes."""
 
 _HEADER = struct.Struct(">IIBB")
 _pack_header = _HEADER.pack
@@ -67,24 +71,53 @@ def check_max_message_length(value: int) -> int:
     return value
 
 
-@dataclass(slots=True)
-class Frame:
+class _Record:
+    """A small value type: positional fields in ``__slots__`` order, compared by value."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class Frame(_Record):
     """A complete frame as read from the peer."""
 
+    __slots__ = ("flags", "payload", "stream_id", "type")
     stream_id: int
     type: int
     flags: int
     payload: bytes
 
+    def __init__(self, stream_id: int, type: int, flags: int, payload: bytes) -> None:
+        self.stream_id = stream_id
+        self.type = type
+        self.flags = flags
+        self.payload = payload
 
-@dataclass(slots=True)
-class FrameTooLarge:
+
+class FrameTooLarge(_Record):
     """A frame whose declared length is over the limit; its payload is discarded unread."""
 
+    __slots__ = ("flags", "length", "stream_id", "type")
     stream_id: int
     type: int
     flags: int
     length: int
+
+    def __init__(self, stream_id: int, type: int, flags: int, length: int) -> None:
+        self.stream_id = stream_id
+        self.type = type
+        self.flags = flags
+        self.length = length
 
 
 class FrameReader:
@@ -106,8 +139,12 @@ class FrameReader:
         """Bytes held that do not yet make a whole frame."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[Frame | FrameTooLarge]:
-        """Take bytes from the peer; return the frames they complete, in order."""
+    def feed(self, data: Buffer) -> list[Frame | FrameTooLarge]:
+        """Take bytes from the peer; return the frames they complete, in order.
+
+        ``data`` may be a view of the caller's reusable buffer: nothing here
+        keeps a reference to it after returning.
+        """
         if self._discard:
             if len(data) <= self._discard:
                 self._discard -= len(data)
@@ -117,7 +154,7 @@ class FrameReader:
         buf = self._buf
         if buf:
             buf += data
-            view: bytes | bytearray = buf
+            view: Buffer = buf
         else:
             view = data
         frames: list[Frame | FrameTooLarge] = []
@@ -148,28 +185,34 @@ class FrameReader:
         return frames
 
 
-@dataclass(slots=True)
-class RequestReceived:
+class RequestReceived(_Record):
     """The server got a well-formed request on a new stream."""
 
-    stream_id: int
-    request: Request
+    __slots__ = ("request", "stream_id")
+
+    def __init__(self, stream_id: int, request: Request) -> None:
+        self.stream_id = stream_id
+        self.request = request
 
 
-@dataclass(slots=True)
-class ResponseReceived:
+class ResponseReceived(_Record):
     """The client got the response for one of its calls."""
 
-    stream_id: int
-    response: Response
+    __slots__ = ("response", "stream_id")
+
+    def __init__(self, stream_id: int, response: Response) -> None:
+        self.stream_id = stream_id
+        self.response = response
 
 
-@dataclass(slots=True)
-class CallFailed:
+class CallFailed(_Record):
     """A call cannot complete: its response was oversize or undecodable."""
 
-    stream_id: int
-    error: RpcError
+    __slots__ = ("error", "stream_id")
+
+    def __init__(self, stream_id: int, error: RpcError) -> None:
+        self.stream_id = stream_id
+        self.error = error
 
 
 ClientEvent = ResponseReceived | CallFailed
@@ -199,7 +242,7 @@ class ServerConnection:
         self._last_stream_id = 0
         self._outbound = bytearray()
 
-    def receive_data(self, data: bytes) -> list[RequestReceived]:
+    def receive_data(self, data: Buffer) -> list[RequestReceived]:
         events: list[RequestReceived] = []
         for frame in self.reader.feed(data):
             if type(frame) is FrameTooLarge:
@@ -321,7 +364,7 @@ class ClientConnection:
         """Forget a call (timed out or cancelled); a late answer will be dropped."""
         self._pending.discard(stream_id)
 
-    def receive_data(self, data: bytes) -> list[ClientEvent]:
+    def receive_data(self, data: Buffer) -> list[ClientEvent]:
         events: list[ClientEvent] = []
         pending = self._pending
         for frame in self.reader.feed(data):

@@ -14,7 +14,7 @@ functions; both get ``(request, ctx)`` and return the response message.
 
 from __future__ import annotations
 
-import inspect
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -73,7 +73,7 @@ class ServiceRegistry:
         if service.name in self._services:
             raise ValueError(f"duplicate service {service.name} registered")
         for method in service.methods.values():
-            is_async = inspect.iscoroutinefunction(method.handler)
+            is_async = _is_coroutine_function(method.handler)
             if is_async != self.asynchronous:
                 kind = "coroutine functions" if self.asynchronous else "plain (blocking) functions"
                 raise TypeError(
@@ -108,6 +108,21 @@ class ServiceRegistry:
         ctx.method = f"/{request.service}/{request.method}"
         ctx.peer = peer
         return method, message, ctx
+
+
+_CO_COROUTINE = 0x80  # code flag of ``async def`` functions
+
+
+def _is_coroutine_function(obj: object) -> bool:
+    """Like ``inspect.iscoroutinefunction`` (bound methods, partials, async ``__call__``),
+    without importing :mod:`inspect`."""
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    func = getattr(obj, "__func__", obj)
+    code = getattr(func, "__code__", None)
+    if code is None:
+        code = getattr(type(obj).__dict__.get("__call__"), "__code__", None)
+    return code is not None and bool(code.co_flags & _CO_COROUTINE)
 
 
 def encode_result(method: Method, result: object) -> bytes:

@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 from ttrpc import address as _address
 from ttrpc._calls import build_request, deadline_error, unpack_response
 from ttrpc.context import Context
-from ttrpc.protocol import MAX_MESSAGE_LENGTH, CallFailed, ClientConnection
+from ttrpc.protocol import MAX_MESSAGE_LENGTH, READ_SIZE, Buffer, CallFailed, ClientConnection
 from ttrpc.status import ConnectionClosed, RpcError
 from ttrpc.ttrpc_pb2 import Response
 
@@ -25,12 +25,17 @@ log = logging.getLogger("ttrpc")
 T = TypeVar("T", bound=Message)
 
 
-class _ClientProtocol(asyncio.Protocol):
+class _ClientProtocol(asyncio.BufferedProtocol):
+    # Reading into one kept buffer spares a fresh allocation (and its page faults) per read.
     def __init__(self, client: Client) -> None:
         self._client = client
+        self._view = memoryview(bytearray(READ_SIZE))
 
-    def data_received(self, data: bytes) -> None:
-        self._client._data_received(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._client._data_received(self._view[:nbytes])
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._client._connection_lost(exc)
@@ -54,7 +59,8 @@ class Client:
         self._waiters: dict[int, asyncio.Future[Response]] = {}
         self._on_close = on_close
         self._error: RpcError | None = None
-        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._closed: asyncio.Future[None] = self._loop.create_future()
 
     @classmethod
     async def from_socket(
@@ -90,7 +96,7 @@ class Client:
             raise self._error
         wire, deadline = build_request(service, method, request, ctx)
         stream_id, frame = self._conn.send_request(wire)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         future: asyncio.Future[Response] = loop.create_future()
         self._waiters[stream_id] = future
         transport = cast(asyncio.WriteTransport, self._transport)
@@ -111,7 +117,7 @@ class Client:
 
     # -- connection events -------------------------------------------------
 
-    def _data_received(self, data: bytes) -> None:
+    def _data_received(self, data: Buffer) -> None:
         waiters = self._waiters
         for event in self._conn.receive_data(data):
             future = waiters.get(event.stream_id)

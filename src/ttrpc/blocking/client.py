@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from ttrpc import address as _address
 from ttrpc._calls import build_request, deadline_error, unpack_response
 from ttrpc.context import Context
-from ttrpc.protocol import MAX_MESSAGE_LENGTH, CallFailed, ClientConnection
+from ttrpc.protocol import MAX_MESSAGE_LENGTH, READ_SIZE, CallFailed, ClientConnection
 from ttrpc.status import ConnectionClosed, RpcError
 from ttrpc.ttrpc_pb2 import Response
 
@@ -32,8 +32,6 @@ __all__ = ["Client", "connect"]
 log = logging.getLogger("ttrpc")
 
 T = TypeVar("T", bound=Message)
-
-_RECV_SIZE = 256 * 1024
 
 
 class _Waiter:
@@ -65,6 +63,8 @@ class Client:
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
         self._conn = ClientConnection(max_message_length)
+        # Reading into one kept buffer spares a fresh allocation (and its page faults) per read.
+        self._view = memoryview(bytearray(READ_SIZE))
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._waiters: dict[int, _Waiter] = {}
@@ -128,17 +128,18 @@ class Client:
     def _read(self, waiter: _Waiter, deadline: float | None) -> None:
         """Read as the leader until our own call is done or its deadline passes."""
         sock = self._sock
+        view = self._view  # only the reader uses it, and there is one reader at a time
         try:
             while not waiter.done:
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or not self._poll.poll(max(1, int(remaining * 1000))):
                         return
-                data = sock.recv(_RECV_SIZE)
-                if not data:
+                n = sock.recv_into(view)
+                if not n:
                     raise ConnectionResetError("peer closed the connection")
                 with self._lock:
-                    events = self._conn.receive_data(data)
+                    events = self._conn.receive_data(view[:n])
                     waiters = self._waiters
                     for event in events:
                         w = waiters.pop(event.stream_id, None)
