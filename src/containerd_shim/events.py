@@ -6,14 +6,22 @@ in order, from a single thread. The queue is bounded: when containerd is
 away for long, the oldest events are dropped (with a log line) rather than
 blocking the shim or growing without limit. Failed sends are retried with
 backoff, so a containerd restart loses nothing the queue could hold.
+
+The v1 shim publishes the same way through a binary instead
+(:class:`BinaryPublisher`: ``containerd --address A publish --topic T
+--namespace NS`` with the event on stdin). With no address (a shim run
+without containerd, e.g. by ``pyshim``) events are dropped.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import os
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from google.protobuf.any_pb2 import Any
 from google.protobuf.message import Message
@@ -24,13 +32,20 @@ from containerd_shim.api.services.ttrpc.events.v1.events_pb2 import Envelope, Fo
 from containerd_shim.api.services.ttrpc.events.v1.events_ttrpc import EventsBlockingClient
 from ttrpc import Context, RpcError
 
+if TYPE_CHECKING:
+    from containerd_shim.reaper import Reaper
+
 log = logging.getLogger("containerd_shim")
 
-__all__ = ["Publisher", "any_of"]
+__all__ = ["BinaryPublisher", "PublishError", "Publisher", "any_of"]
 
 QUEUE_LIMIT = 1024
 SEND_TIMEOUT = 5.0
 MAX_ATTEMPTS = 8
+
+
+class PublishError(Exception):
+    """One attempt to deliver an event failed."""
 
 
 def any_of(message: Message) -> Any:
@@ -56,6 +71,9 @@ class Publisher:
 
     def publish(self, topic: str, event: Message, namespace: str | None = None) -> None:
         """Queue an event; never blocks."""
+        if not self.address:
+            log.debug("no containerd to publish %s to", topic)
+            return
         stamp = Timestamp()
         stamp.GetCurrentTime()
         envelope = Envelope(
@@ -100,17 +118,21 @@ class Publisher:
                 if self._queue and self._queue[0] is envelope:
                     self._queue.popleft()
 
+    def _deliver(self, envelope: Envelope) -> None:
+        """Send one event (one attempt); raise on failure."""
+        if self._conn is None or self._conn.closed:
+            self._conn = ttrpc.blocking.connect(self.address, timeout=SEND_TIMEOUT)
+        EventsBlockingClient(self._conn).Forward(
+            ForwardRequest(envelope=envelope), Context(timeout=SEND_TIMEOUT)
+        )
+
     def _send(self, envelope: Envelope) -> None:
         delay = 0.1
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = ttrpc.blocking.connect(self.address, timeout=SEND_TIMEOUT)
-                EventsBlockingClient(self._conn).Forward(
-                    ForwardRequest(envelope=envelope), Context(timeout=SEND_TIMEOUT)
-                )
+                self._deliver(envelope)
                 return
-            except (OSError, RpcError) as exc:
+            except (OSError, RpcError, PublishError) as exc:
                 log.warning("publish %s (attempt %d) failed: %s", envelope.topic, attempt, exc)
                 if self._conn is not None:
                     self._conn.close()
@@ -121,3 +143,51 @@ class Publisher:
                 time.sleep(delay)  # backoff between retries, not synchronisation
                 delay = min(delay * 2, 2.0)
         log.error("dropping event %s after %d attempts", envelope.topic, MAX_ATTEMPTS)
+
+
+class BinaryPublisher(Publisher):
+    """Publishes through containerd's ``publish`` command, as the v1 shim does.
+
+    Each event runs ``BINARY --address ADDRESS publish --topic T --namespace NS``
+    with the event (a serialized ``Any``) on stdin, through the shim's reaper:
+    the reaper alone waits for children.
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        address: str,
+        namespace: str,
+        reaper: Reaper,
+        *,
+        queue_limit: int = QUEUE_LIMIT,
+        timeout: float = SEND_TIMEOUT,
+    ) -> None:
+        self.binary = binary
+        self.reaper = reaper
+        self.timeout = timeout
+        super().__init__(address, namespace, queue_limit=queue_limit)
+
+    def _deliver(self, envelope: Envelope) -> None:
+        argv = [self.binary, "--address", self.address, "publish", "--topic", envelope.topic]
+        argv += ["--namespace", envelope.namespace]
+        stdin = os.memfd_create("event", os.MFD_CLOEXEC)
+        output = os.memfd_create("publish-output", os.MFD_CLOEXEC)
+        try:
+            os.write(stdin, envelope.event.SerializeToString())
+            os.lseek(stdin, 0, os.SEEK_SET)
+            watch = self.reaper.spawn(argv, stdin=stdin, stdout=output, stderr=output)
+            exit_ = watch.wait(self.timeout)
+            if exit_ is None:
+                if not watch.done:  # not reaped yet: the pid is still our child's
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(watch.pid, 9)
+                watch.wait()
+                raise PublishError(f"{self.binary} publish: no answer in {self.timeout:.0f}s")
+            if exit_.status != 0:
+                os.lseek(output, 0, os.SEEK_SET)
+                message = os.read(output, 4096).decode(errors="replace").strip()
+                raise PublishError(f"{self.binary} publish: exit status {exit_.status}: {message}")
+        finally:
+            os.close(stdin)
+            os.close(output)

@@ -48,6 +48,8 @@ def parse(argv: list[str]) -> Flags:
         attr = name.replace("-", "_")
         if attr in ("v",):
             attr = "version"
+        elif attr == "criu":  # Go's v1 shim calls it -criu; containerd 1.6 passes -criu-path
+            attr = "criu_path"
         if not hasattr(flags, attr) or attr in ("action", "extra"):
             raise SystemExit(f"flag provided but not defined: -{name}")
         if name in _BOOLS or attr in ("version",):

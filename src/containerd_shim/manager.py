@@ -79,7 +79,7 @@ def _group(bundle: str, container_id: str) -> str:
 
 def start(flags: Flags, binary_argv: list[str]) -> str:
     """Start (or reuse) the daemon for this container; return its address."""
-    from containerd_shim.service import validate_id
+    from containerd_shim.containers import validate_id
 
     validate_id(flags.id)
     if not flags.namespace:
@@ -189,9 +189,9 @@ def delete(flags: Flags) -> bytes:
     """
     from containerd_shim import mount
     from containerd_shim.api.runtime.v2.task.shim_pb2 import DeleteResponse
+    from containerd_shim.containers import make_runc, read_options, timestamp, validate_id
     from containerd_shim.reaper import Reaper
     from containerd_shim.runc import RuncError
-    from containerd_shim.service import make_runc, read_options, timestamp, validate_id
 
     validate_id(flags.id)
     bundle = os.path.realpath(flags.bundle or os.getcwd())

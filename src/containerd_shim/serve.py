@@ -9,8 +9,15 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from containerd_shim.flags import Flags
+
+if TYPE_CHECKING:
+    from containerd_shim.process import Stdio
+    from containerd_shim.reaper import Reaper
+    from containerd_shim.stdio import ProcessIO
 
 log = logging.getLogger("containerd_shim")
 
@@ -70,12 +77,61 @@ def _setup_logging(flags: Flags) -> None:
     root.setLevel(logging.DEBUG if flags.debug else logging.INFO)
 
 
-def _set_subreaper() -> None:
+def set_subreaper() -> None:
+    """Become the parent of orphaned descendants (the container processes runc leaves)."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+class StopRequest:
+    """SIGTERM, SIGINT or :meth:`stop` (from any thread), waited for on the main thread.
+
+    Create it on the main thread before any other thread starts: it blocks the
+    two signals, every thread inherits that, and :meth:`wait` takes them with
+    sigwait. (With ordinary handlers a process-directed signal may be delivered
+    to another thread, and CPython runs the handler only when the main thread
+    next wakes up: a main thread asleep in a wait would miss it for an hour.)
+    Children get a clean signal mask (the reaper's spawn resets it).
+    """
+
+    SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+    def __init__(self) -> None:
+        self._main = threading.get_ident()
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+
+    def stop(self) -> None:
+        """Ask the main thread to stop (e.g. on a Shutdown request)."""
+        signal.pthread_kill(self._main, signal.SIGTERM)
+
+    def wait(self) -> int:
+        """Block until a stop is requested; the signal that said so."""
+        return signal.sigwait(self.SIGNALS)
+
+
+def io_factory(
+    reaper: Reaper, work_dir: str | None = None
+) -> Callable[[str, str, Stdio], ProcessIO]:
+    """How the shim makes a process's stdio: logger binaries spawned by the reaper,
+    console sockets in ``work_dir`` (default: the working directory, the bundle)."""
+    from containerd_shim.stdio import ProcessIO
+
+    def make_io(container_id: str, namespace: str, stdio: Stdio) -> ProcessIO:
+        return ProcessIO(
+            container_id,
+            namespace,
+            stdin=stdio.stdin,
+            stdout=stdio.stdout,
+            stderr=stdio.stderr,
+            terminal=stdio.terminal,
+            spawn=lambda argv, **kw: reaper.spawn(argv, **kw).pid,
+            work_dir=work_dir or os.getcwd(),
+        )
+
+    return make_io
 
 
 def serve(flags: Flags) -> int:
@@ -85,31 +141,20 @@ def serve(flags: Flags) -> int:
     from containerd_shim.events import Publisher
     from containerd_shim.reaper import Reaper
     from containerd_shim.service import TaskService
-    from containerd_shim.stdio import ProcessIO
 
     if not flags.namespace:
         raise SystemExit("shim namespace cannot be empty")
     _setup_logging(flags)
-    _set_subreaper()
+    set_subreaper()
+    stop = StopRequest()  # before any thread starts
     listener = ttrpc.address.listen(flags.socket) if flags.socket else socket.socket(fileno=3)
     os.set_inheritable(listener.fileno(), False)
 
     reaper = Reaper()
     reaper.start()
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
-    stopping = threading.Event()
 
-    def make_io(container_id: str, namespace: str, stdio: object) -> ProcessIO:
-        return ProcessIO(
-            container_id,
-            namespace,
-            stdin=stdio.stdin,  # type: ignore[attr-defined]
-            stdout=stdio.stdout,  # type: ignore[attr-defined]
-            stderr=stdio.stderr,  # type: ignore[attr-defined]
-            terminal=stdio.terminal,  # type: ignore[attr-defined]
-            spawn=lambda argv, **kw: reaper.spawn(argv, **kw).pid,
-            work_dir=os.getcwd(),
-        )
+    make_io = io_factory(reaper)
 
     cgroups = None
     try:
@@ -124,7 +169,7 @@ def serve(flags: Flags) -> int:
         reaper=reaper,
         publisher=publisher,
         make_io=make_io,
-        on_shutdown=stopping.set,
+        on_shutdown=stop.stop,
         cgroups=cgroups,
     )
     server = ttrpc.blocking.Server(handshake=ttrpc.require_same_user())
@@ -132,12 +177,9 @@ def serve(flags: Flags) -> int:
     server.register(desc)
     # containerd 2.x speaks the same API as containerd.task.v3.Task.
     server.register(ttrpc.Service("containerd.task.v3.Task", desc.methods))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
     server.start(listener)
     log.info("serving on inherited socket, pid %d", os.getpid())
-    while not stopping.wait(3600):
-        pass
+    stop.wait()
     log.info("shutting down")
     server.close()
     with contextlib.suppress(OSError):

@@ -28,6 +28,9 @@ RUNC_ROOT = Path("/run/containerd/runc")
 TASK_PLUGIN_DIR = "io.containerd.runtime.v2.task"
 
 PYRUNC_SHIM = "containerd-shim-pyrunc-v2"
+PYRUNC_V1_SHIM = "containerd-shim-pyrunc-v1"
+GO_V1_SHIM = shutil.which("containerd-shim") or "/usr/bin/containerd-shim"
+V1_RUNTIME = "io.containerd.runtime.v1.linux"
 
 T = TypeVar("T")
 
@@ -77,14 +80,24 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 """
 
 
-def pyrunc_wrapper() -> str:
+def pyrunc_wrapper(module: str = "containerd_shim") -> str:
     src = REPO / "src"
     return (
         "#!/bin/sh\n"
         f'PYTHONPATH="{src}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
         "export PYTHONPATH\n"
-        f'exec "{sys.executable}" -m containerd_shim "$@"\n'
+        f'exec "{sys.executable}" -m {module} "$@"\n'
     )
+
+
+def v1_runtime_config(shim: str) -> str:
+    """Config for containerd's v1 runtime (``ctr run --runtime io.containerd.runtime.v1.linux``)
+    with ``shim`` as its shim binary."""
+    return f"""
+[plugins."{V1_RUNTIME}"]
+  shim = "{shim}"
+  runtime = "runc"
+"""
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -226,15 +239,25 @@ class Containerd:
 
     # --- lifecycle ----------------------------------------------------------------------
     @classmethod
-    def create(cls, namespace: str) -> Containerd:
+    def create(cls, namespace: str, *, v1_shim: str | None = None) -> Containerd:
+        """A containerd in a new temp dir; ``v1_shim`` (a path, or "pyrunc" for ours) is the
+        shim of its v1 runtime (default: containerd's own choice, Go's ``containerd-shim``)."""
         tmp = Path(tempfile.mkdtemp(prefix="e2e-", dir="/tmp"))
         cd = cls(tmp=tmp, namespace=namespace)
         for d in (cd.root, cd.state, cd.bin_dir, tmp / "opt"):
             d.mkdir(mode=0o711, parents=True, exist_ok=True)
-        cd.config_path.write_text(config_toml(tmp))
-        wrapper = cd.bin_dir / PYRUNC_SHIM
-        wrapper.write_text(pyrunc_wrapper())
-        wrapper.chmod(0o755)
+        for name, module in (
+            (PYRUNC_SHIM, "containerd_shim"),
+            (PYRUNC_V1_SHIM, "containerd_shim.v1"),
+        ):
+            wrapper = cd.bin_dir / name
+            wrapper.write_text(pyrunc_wrapper(module))
+            wrapper.chmod(0o755)
+        config = config_toml(tmp)
+        if v1_shim is not None:
+            shim = str(cd.bin_dir / PYRUNC_V1_SHIM) if v1_shim == "pyrunc" else v1_shim
+            config += v1_runtime_config(shim)
+        cd.config_path.write_text(config)
         return cd
 
     def env(self) -> dict[str, str]:

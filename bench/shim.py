@@ -1,0 +1,172 @@
+"""Shims side by side under one private containerd: memory per shim and `ctr run --rm` time.
+
+    python bench/shim.py [--containers 20] [--runs 10] [--json FILE]
+
+For each runtime (Go's io.containerd.runc.v2 and our io.containerd.pyrunc.v2)
+it starts N detached containers, reads every shim's /proc/PID/smaps_rollup
+(RSS, PSS, Private_Clean + Private_Dirty, plus the shim's descendants other
+than the containers themselves), then times `ctr run --rm /bin/true`.
+Needs root, containerd, runc and busybox (scripts/setup installs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.e2e.containerd import Containerd  # noqa: E402
+from tests.e2e.images import build_rootfs  # noqa: E402
+
+RUNTIMES = ["io.containerd.runc.v2", "io.containerd.pyrunc.v2"]
+
+
+def smaps(pid: int) -> dict[str, float]:
+    """RSS, PSS and private memory of one process, in MiB."""
+    values: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].endswith(":"):
+                values[parts[0][:-1]] = int(parts[1])
+    return {
+        "rss": values.get("Rss", 0) / 1024,
+        "pss": values.get("Pss", 0) / 1024,
+        "private": (values.get("Private_Clean", 0) + values.get("Private_Dirty", 0)) / 1024,
+    }
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+    return found
+
+
+def measure_runtime(cd: Containerd, rootfs: Path, runtime: str, count: int, runs: int) -> dict:
+    short = runtime.split(".")[2]
+    ids = [cd.track(f"mem-{short}-{i}") for i in range(count)]
+    for cid in ids:
+        res = cd.ctr(
+            "run",
+            "--runtime",
+            runtime,
+            "-d",
+            "--rootfs",
+            str(rootfs),
+            cid,
+            "/bin/sleep",
+            "600",
+            timeout=60,
+        )
+        if res.returncode != 0:
+            raise SystemExit(cd.explain(res, f"{runtime}: run -d failed"))
+    tasks = cd.tasks()
+    shims: list[dict[str, float]] = []
+    extra: list[dict[str, float]] = []
+    for cid in ids:
+        pids = cd.shim_pids(cid)
+        if not pids:
+            raise SystemExit(f"{runtime}: no shim found for {cid}")
+        shims.append(smaps(pids[0]))
+        container_pid = tasks[cid].pid if cid in tasks else 0
+        # Anything else the shim keeps alive (loggers, helpers), not the container itself.
+        kept = [p for p in children(pids[0]) if p != container_pid]
+        extra.append({k: sum(smaps(p)[k] for p in kept) for k in ("rss", "pss", "private")})
+    for cid in ids:
+        cd.ctr("task", "kill", "-s", "SIGKILL", cid)
+    for cid in ids:
+        cd.wait_status(cid, ["STOPPED"], timeout=60)
+        cd.ctr("task", "delete", cid)
+        cd.ctr("container", "delete", cid)
+    times = []
+    for i in range(runs):
+        start = time.monotonic()
+        res = cd.ctr(
+            "run",
+            "--runtime",
+            runtime,
+            "--rm",
+            "--rootfs",
+            str(rootfs),
+            cd.track(f"true-{short}-{i}"),
+            "/bin/true",
+            timeout=60,
+        )
+        times.append(time.monotonic() - start)
+        if res.returncode != 0:
+            raise SystemExit(cd.explain(res, f"{runtime}: run --rm failed"))
+
+    def mean(rows: list[dict[str, float]], key: str) -> float:
+        return statistics.mean(r[key] for r in rows)
+
+    return {
+        "runtime": runtime,
+        "containers": count,
+        "shim": {k: mean(shims, k) for k in ("rss", "pss", "private")},
+        "kept_alive": {k: mean(extra, k) for k in ("rss", "pss", "private")},
+        "run_rm_ms": {
+            "median": statistics.median(times) * 1000,
+            "min": min(times) * 1000,
+            "runs": runs,
+        },
+    }
+
+
+def report(results: list[dict]) -> str:
+    go = results[0]
+    lines = [
+        "| runtime | shim RSS | shim PSS | shim private | + kept alive (PSS) | "
+        "`ctr run --rm /bin/true` median (min) | PSS vs Go | time vs Go |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        s, k, t = r["shim"], r["kept_alive"], r["run_rm_ms"]
+        lines.append(
+            f"| {r['runtime']} | {s['rss']:.1f} MiB | {s['pss']:.1f} MiB | {s['private']:.1f} MiB"
+            f" | {k['pss']:.1f} MiB | {t['median']:.0f} ms ({t['min']:.0f}) "
+            f"| {s['pss'] / go['shim']['pss']:.2f}x "
+            f"| {t['median'] / go['run_rm_ms']['median']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--containers", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--json", help="also write the numbers here")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench/shim.py needs root", file=sys.stderr)
+        return 1
+    cd = Containerd.create(namespace=f"bench-{os.getpid()}")
+    try:
+        rootfs = build_rootfs(cd.tmp / "rootfs")
+        cd.start()
+        results = []
+        for runtime in RUNTIMES:
+            print(f"measuring {runtime} ...", file=sys.stderr)
+            results.append(measure_runtime(cd, rootfs, runtime, args.containers, args.runs))
+    finally:
+        cd.cleanup()
+    print(f"{args.containers} containers running per runtime, {args.runs} timed runs each\n")
+    print(report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
