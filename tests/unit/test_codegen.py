@@ -473,7 +473,7 @@ def test_mypy_strict_accepts_generated_code(tmp_path: Path) -> None:
             cache_dir = {tmp_path / "cache"}
 
             # protoc's own .pyi stubs use bare Mapping; they are not ours to fix.
-            [mypy-codegen_demo.types_pb2,codegen_demo.v1.services_pb2,interop_pb2]
+            [mypy-codegen_demo.types_pb2,codegen_demo.v1.services_pb2,interop_pb2,ttrpc.ttrpc_pb2]
             ignore_errors = True
             """
         )
