@@ -13,7 +13,7 @@ die() {
 	exit 1
 }
 
-[ $# -eq 1 ] || die "usage: $0 OUTDIR"
+[ $# -ge 1 ] || die "usage: $0 OUTDIR [EXTRA_MAIN_PACKAGE_DIR...]"
 
 here=$(cd "$(dirname "$0")" && pwd)
 proto="$here/../interop.proto"
@@ -29,6 +29,7 @@ command -v protoc >/dev/null || die "protoc not found (apt install protobuf-comp
 
 mkdir -p "$1"
 out=$(cd "$1" && pwd)
+shift
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/ttrpc-interop-go.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -57,15 +58,29 @@ cp "$proto" "$work/interop.proto"
 PATH="$work/bin:$PATH" protoc -I"$work" --gogottrpc_out=plugins=ttrpc:"$work/gopath/src" "$work/interop.proto"
 [ -f "$src/interop/interop.pb.go" ] || die "protoc did not produce interop.pb.go"
 
-# 3. Our own sources.
+# 3. Our own sources, and any extra main packages the caller names (bench/go
+#    adds its load generator), each built as a binary named after its directory.
 for pkg in cli go-server go-client; do
 	mkdir -p "$src/$pkg"
 	cp "$here/$pkg"/*.go "$src/$pkg/"
 done
+bins="go-server go-client"
+for extra in "$@"; do
+	name=$(basename "$extra")
+	mkdir -p "$src/$name"
+	cp "$extra"/*.go "$src/$name/" || die "no Go sources in $extra"
+	bins="$bins $name"
+done
 
-# 4. The two binaries, in one go (a directory -o names them after their
-#    packages).
-go build -trimpath -ldflags "-s -w" -o "$out/" ttrpcinterop/go-server ttrpcinterop/go-client
-[ -x "$out/go-server" ] && [ -x "$out/go-client" ] || die "go build did not produce both binaries"
+# 4. The binaries, in one go (a directory -o names them after their packages).
+targets=""
+for bin in $bins; do
+	targets="$targets ttrpcinterop/$bin"
+done
+# shellcheck disable=SC2086 # one word per package
+go build -trimpath -ldflags "-s -w" -o "$out/" $targets
+for bin in $bins; do
+	[ -x "$out/$bin" ] || die "go build did not produce $bin"
+done
 
-echo "built $out/go-server $out/go-client"
+echo "built$(for bin in $bins; do printf ' %s' "$out/$bin"; done)"
