@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from google.protobuf.any_pb2 import Any
+
+import ttrpc.blocking
+from containerd_shim.api.runtime.v2.task.shim_pb2 import UpdateTaskRequest
+from containerd_shim.api.runtime.v2.task.shim_ttrpc import TaskBlockingClient
+from ttrpc import Context
 
 from .containerd import wait_for
 from .harness import E2E, EventStream
@@ -73,6 +80,37 @@ def test_instant_exits_are_each_reported_once(e2e: E2E) -> None:
     for q in quick:
         got = exits_for(q)
         assert len(got) == 1 and got[0].get("exit_status") == 9, (q, got)
+    assert e2e.cd.ctr("task", "kill", "-s", "SIGKILL", cid).returncode == 0
+    e2e.cd.wait_status(cid, ("STOPPED",))
+    e2e.remove(cid, expect_exit=137)
+
+
+def _memory_limit(pid: int) -> int:
+    with open(f"/proc/{pid}/cgroup") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            with open(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes") as f:
+                return int(f.read())
+    raise AssertionError(f"no memory cgroup for pid {pid}")
+
+
+@pytest.mark.timeout(60)
+def test_update_resources(e2e: E2E) -> None:
+    # ctr 1.6 has no `task update`: call the shim's Update directly, as containerd would.
+    cid = e2e.start(*SLEEPER)
+    pid = e2e.cd.tasks()[cid].pid
+    address = (e2e.cd.bundle(cid) / "address").read_text().strip()
+    limit = 48 * 1024 * 1024
+    resources = Any(
+        type_url="types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+        value=json.dumps({"memory": {"limit": limit}}).encode(),
+    )
+    ctx = Context(timeout=10, metadata={"containerd-namespace-ttrpc": e2e.cd.namespace})
+    with ttrpc.blocking.connect(address, timeout=5) as conn:
+        TaskBlockingClient(conn).Update(UpdateTaskRequest(id=cid, resources=resources), ctx)
+    assert _memory_limit(pid) == limit
     assert e2e.cd.ctr("task", "kill", "-s", "SIGKILL", cid).returncode == 0
     e2e.cd.wait_status(cid, ("STOPPED",))
     e2e.remove(cid, expect_exit=137)
