@@ -5,7 +5,10 @@
 For each runtime (Go's io.containerd.runc.v2 and our io.containerd.pyrunc.v2)
 it starts N detached containers, reads every shim's /proc/PID/smaps_rollup
 (RSS, PSS, Private_Clean + Private_Dirty, plus the shim's descendants other
-than the containers themselves), then times `ctr run --rm /bin/true`.
+than the containers themselves), then times `ctr run --rm /bin/true`. For our
+runtime it also reads the per-host zygote that forks the shims (see
+containerd_shim/zygote.py) and charges each container its share
+(zygote PSS / N) in the "per container" column.
 Needs root, containerd, runc and busybox (scripts/setup installs them).
 """
 
@@ -21,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "src"))
 
 from tests.e2e.containerd import Containerd  # noqa: E402
 from tests.e2e.images import build_rootfs  # noqa: E402
@@ -84,6 +88,14 @@ def measure_runtime(cd: Containerd, rootfs: Path, runtime: str, count: int, runs
         # Anything else the shim keeps alive (loggers, helpers), not the container itself.
         kept = [p for p in children(pids[0]) if p != container_pid]
         extra.append({k: sum(smaps(p)[k] for p in kept) for k in ("rss", "pss", "private")})
+    zygote_mem = {"rss": 0.0, "pss": 0.0, "private": 0.0}
+    if "pyrunc" in runtime:
+        from containerd_shim import zygote
+
+        try:
+            zygote_mem = smaps(int(Path(zygote.socket_path() + ".pid").read_text()))
+        except (OSError, ValueError):
+            print("no zygote found", file=sys.stderr)
     for cid in ids:
         cd.ctr("task", "kill", "-s", "SIGKILL", cid)
     for cid in ids:
@@ -116,6 +128,7 @@ def measure_runtime(cd: Containerd, rootfs: Path, runtime: str, count: int, runs
         "containers": count,
         "shim": {k: mean(shims, k) for k in ("rss", "pss", "private")},
         "kept_alive": {k: mean(extra, k) for k in ("rss", "pss", "private")},
+        "zygote": zygote_mem,
         "run_rm_ms": {
             "median": statistics.median(times) * 1000,
             "min": min(times) * 1000,
@@ -127,16 +140,24 @@ def measure_runtime(cd: Containerd, rootfs: Path, runtime: str, count: int, runs
 def report(results: list[dict]) -> str:
     go = results[0]
     lines = [
-        "| runtime | shim RSS | shim PSS | shim private | + kept alive (PSS) | "
-        "`ctr run --rm /bin/true` median (min) | PSS vs Go | time vs Go |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| runtime | shim RSS | shim PSS | shim private | + kept alive (PSS) | zygote PSS "
+        "| per container PSS | `ctr run --rm /bin/true` median (min) | PSS vs Go "
+        "| time vs Go |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
+
+    def per_container(r: dict) -> float:
+        return float(
+            r["shim"]["pss"] + r["kept_alive"]["pss"] + r["zygote"]["pss"] / r["containers"]
+        )
+
     for r in results:
-        s, k, t = r["shim"], r["kept_alive"], r["run_rm_ms"]
+        s, k, z, t = r["shim"], r["kept_alive"], r["zygote"], r["run_rm_ms"]
         lines.append(
             f"| {r['runtime']} | {s['rss']:.1f} MiB | {s['pss']:.1f} MiB | {s['private']:.1f} MiB"
-            f" | {k['pss']:.1f} MiB | {t['median']:.0f} ms ({t['min']:.0f}) "
-            f"| {s['pss'] / go['shim']['pss']:.2f}x "
+            f" | {k['pss']:.1f} MiB | {z['pss']:.1f} MiB | {per_container(r):.1f} MiB"
+            f" | {t['median']:.0f} ms ({t['min']:.0f}) "
+            f"| {per_container(r) / per_container(go):.2f}x "
             f"| {t['median'] / go['run_rm_ms']['median']:.2f}x |"
         )
     return "\n".join(lines)

@@ -15,6 +15,19 @@ def _self_argv() -> list[str]:
     return [sys.executable, "-m", "containerd_shim"]
 
 
+def _delete_in_zygote(args: list[str]) -> int | None:
+    """Run ``delete`` in a child of the zygote (pre-imported); None if there is none."""
+    from containerd_shim import zygote
+
+    if zygote.in_child() or not zygote.enabled():
+        return None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return zygote.request(
+        zygote.socket_path(), "delete", [*_self_argv(), *args], [1, 2], timeout=None
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     flags = parse(sys.argv[1:] if argv is None else argv)
     if flags.version:
@@ -33,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             return 0
         if flags.action == "delete":
+            status = _delete_in_zygote(sys.argv[1:] if argv is None else argv)
+            if status is not None:
+                return status
             from containerd_shim.manager import delete
 
             sys.stdout.buffer.write(delete(flags))

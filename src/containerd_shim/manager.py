@@ -13,20 +13,21 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING
 
 from containerd_shim.flags import Flags
 
-if TYPE_CHECKING:
-    from containerd_shim.api.runtime.v2.runc.options.oci_pb2 import Options
+# ``start`` imports nothing heavy (no protobuf, no ttrpc): it runs once per container.
 
 __all__ = ["SOCKET_DIR", "delete", "socket_address", "start"]
 
 SOCKET_DIR = "/run/containerd/s"
 SOCKET_PATH_LIMIT = 106
+# How long the first ``start`` waits for the zygote it launched before spawning its daemon.
+ZYGOTE_WAIT = 10.0
 # Containers sharing one of these annotation values share one shim.
 GROUP_LABELS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
 
@@ -52,10 +53,28 @@ def _can_connect(path: str) -> bool:
 
 
 def _listen(path: str) -> socket.socket:
-    from ttrpc.address import listen
-
+    """A 0600 listener at ``path`` (the mode is set before bind: no window for others)."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    return listen(path, mode=0o600)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        os.fchmod(sock.fileno(), 0o600)
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# containerd's identifier rule, as containers.validate_id (which imports the API).
+_ID = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
+_MAX_ID = 76
+
+
+def _validate_id(value: str) -> None:
+    if not value or len(value) > _MAX_ID or not _ID.match(value):
+        raise SystemExit(f"id {value!r}: must match {_ID.pattern} (at most {_MAX_ID})")
 
 
 def write_atomic(path: str, data: str) -> None:
@@ -78,10 +97,12 @@ def _group(bundle: str, container_id: str) -> str:
 
 
 def start(flags: Flags, binary_argv: list[str]) -> str:
-    """Start (or reuse) the daemon for this container; return its address."""
-    from containerd_shim.containers import validate_id
+    """Start (or reuse) the daemon for this container; return its address.
 
-    validate_id(flags.id)
+    The daemon is forked by the zygote (:mod:`containerd_shim.zygote`) when one
+    runs, else spawned (and a zygote launched for the next ``start``).
+    """
+    _validate_id(flags.id)
     if not flags.namespace:
         raise SystemExit("shim namespace cannot be empty")
     bundle = os.getcwd()
@@ -115,7 +136,9 @@ def start(flags: Flags, binary_argv: list[str]) -> str:
             argv += ["-publish-binary", flags.publish_binary]
         if flags.debug:
             argv.append("-debug")
-        pid = _spawn_daemon(argv, listener.fileno())
+        pid = _fork_daemon(argv, listener.fileno())
+        if pid is None:
+            pid = _spawn_daemon(argv, listener.fileno())
     except BaseException:
         listener.close()
         with contextlib.suppress(OSError):
@@ -123,11 +146,11 @@ def start(flags: Flags, binary_argv: list[str]) -> str:
         raise
     listener.close()
     try:
-        options = _read_options_from_stdin()
-        if options is not None and options.shim_cgroup:
+        shim_cgroup = _shim_cgroup_from_stdin()
+        if shim_cgroup:
             from containerd_shim.cgroups import add_process_to_cgroup
 
-            add_process_to_cgroup(options.shim_cgroup, pid)
+            add_process_to_cgroup(shim_cgroup, pid)
         adjust_oom_score(pid, os.getppid())
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
@@ -136,6 +159,39 @@ def start(flags: Flags, binary_argv: list[str]) -> str:
             os.unlink(path)
         raise
     return address
+
+
+def _fork_daemon(argv: list[str], listener_fd: int) -> int | None:
+    """The daemon's pid, forked by the zygote; None if the zygote is off or does not come up.
+
+    With no zygote running, this ``start`` launches one and waits for it (a
+    daemon spawned instead would pay the same imports, privately): at most
+    :data:`ZYGOTE_WAIT` seconds, less if the zygote fails.
+    """
+    from containerd_shim import zygote
+
+    if not zygote.enabled():
+        return None
+    path = zygote.socket_path()
+    pid = zygote.request(path, "serve", argv, [listener_fd])
+    if pid is not None:
+        return pid
+    try:
+        launched: int | None = zygote.launch(path)
+    except OSError:
+        return None
+    deadline = time.monotonic() + ZYGOTE_WAIT
+    while time.monotonic() < deadline:
+        if launched is not None:
+            done, status = os.waitpid(launched, os.WNOHANG)
+            if done:
+                launched = None
+                if status != 0:
+                    return None  # it failed; 0: another zygote for this path is starting
+        if _can_connect(path):
+            return zygote.request(path, "serve", argv, [listener_fd])
+        time.sleep(0.02)
+    return None
 
 
 def _spawn_daemon(argv: list[str], listener_fd: int) -> int:
@@ -153,24 +209,61 @@ def _spawn_daemon(argv: list[str], listener_fd: int) -> int:
         os.close(devnull)
 
 
-def _read_options_from_stdin() -> Options | None:
-    """containerd 1.6 passes the runtime options (an Any) on stdin."""
+def _shim_cgroup_from_stdin() -> str:
+    """``shim_cgroup`` of the runtime options (an Any) containerd 1.6 passes on stdin.
+
+    Decoded by hand (Any: type_url 1, value 2; runc Options: shim_cgroup 3) so that
+    ``start`` needs no protobuf.
+    """
     try:
         if os.isatty(0):
-            return None
+            return ""
         data = sys.stdin.buffer.read()
     except (OSError, ValueError):
-        return None
+        return ""
     if not data:
-        return None
-    from google.protobuf.any_pb2 import Any
+        return ""
+    any_ = _proto_fields(data)
+    if not any_.get(1, b"").endswith(b"containerd.runc.v1.Options"):
+        return ""
+    return _proto_fields(any_.get(2, b"")).get(3, b"").decode()
 
-    from containerd_shim.api.runtime.v2.runc.options.oci_pb2 import Options
 
-    any_ = Any.FromString(data)
-    if not any_.type_url.endswith("containerd.runc.v1.Options"):
-        return None
-    return Options.FromString(any_.value)
+def _proto_fields(data: bytes) -> dict[int, bytes]:
+    """The length-delimited fields of a protobuf message (last one wins); others skipped."""
+
+    def varint(i: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            if i >= len(data):
+                raise ValueError("truncated varint")
+            b = data[i]
+            value |= (b & 0x7F) << shift
+            i += 1
+            if not b & 0x80:
+                return value, i
+            shift += 7
+
+    fields: dict[int, bytes] = {}
+    i = 0
+    while i < len(data):
+        key, i = varint(i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, i = varint(i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            size, i = varint(i)
+            if i + size > len(data):
+                raise ValueError("truncated field")
+            fields[number] = data[i : i + size]
+            i += size
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+    return fields
 
 
 def adjust_oom_score(pid: int, parent: int) -> None:

@@ -178,7 +178,11 @@ def serve(flags: Flags) -> int:
     # containerd 2.x speaks the same API as containerd.task.v3.Task.
     server.register(ttrpc.Service("containerd.task.v3.Task", desc.methods))
     server.start(listener)
-    log.info("serving on inherited socket, pid %d", os.getpid())
+    from containerd_shim.zygote import forked_by
+
+    zygote = forked_by()
+    how = f"forked by zygote {zygote}" if zygote else "spawned"
+    log.info("serving on inherited socket, pid %d (%s)", os.getpid(), how)
     stop.wait()
     log.info("shutting down")
     server.close()

@@ -1,0 +1,426 @@
+"""A pre-imported parent that forks each container's shim daemon (and runs ``delete``).
+
+A fresh Python shim pays its interpreter start-up and imports (protobuf, the
+generated API, ttrpc) in every daemon and every ``delete``, and holds all of
+it as private memory. The zygote imports that code once, freezes it out of
+the garbage collector's reach (``gc.freeze``) and forks: forked daemons
+share the zygote's pages copy-on-write.
+
+One zygote per host, user and code version: its socket is
+``/run/containerd/s/pyrunc-zygote-<hash>`` (0600 in a 0700 directory, and
+the peer's uid is checked), the hash covering the interpreter, the package
+locations and the modification times of their sources, so a changed shim
+never runs through an old zygote. The first ``start`` that finds none
+launches it (detached, own session, working directory ``/``) and spawns its
+daemon directly; so does any ``start`` whose zygote is gone or fails. The
+zygote exits after :data:`IDLE_SECONDS` without requests, or when its
+socket is removed or replaced.
+
+Requests (``start`` and ``delete`` are the clients): a 4-byte length, a JSON
+object ``{"op", "argv", "env", "cwd"}``, with descriptors attached
+(SCM_RIGHTS): ``serve`` passes the listener, ``delete`` its stdout and
+stderr. For ``serve`` the zygote forks a child that forks the daemon and
+exits at once (so the daemon, like a spawned one, is re-parented and is no
+child of the zygote); the daemon's pid comes back as 4 bytes. The daemon
+starts its own session, takes the request's working directory and
+environment, the listener as fd 3, /dev/null as 0-2, and its command line
+(``/proc/PID/cmdline``) shows the daemon's argv. For ``delete`` the forked
+child runs the delete action and sends back its exit status (4 bytes).
+
+The zygote never starts a thread (forking a threaded process is unsafe); the
+client side of this module imports nothing heavy (``start`` uses it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import struct
+import sys
+import time
+from collections.abc import Mapping
+
+__all__ = ["IDLE_SECONDS", "enabled", "in_child", "launch", "request", "socket_path"]
+
+SOCKET_DIR = "/run/containerd/s"
+IDLE_SECONDS = float(os.environ.get("PYRUNC_ZYGOTE_IDLE", "600"))
+# Room for the daemon's command line in the zygote's own argv area.
+TITLE_ROOM = 4096
+_MAX_REQUEST = 1 << 20
+
+
+_IN_CHILD = False
+_ZYGOTE_PID = 0
+
+
+def in_child() -> bool:
+    """True in a process forked by the zygote (which must not ask the zygote again)."""
+    return _IN_CHILD
+
+
+def forked_by() -> int:
+    """The pid of the zygote that forked this process (0: not forked by one)."""
+    return _ZYGOTE_PID if _IN_CHILD else 0
+
+
+def enabled() -> bool:
+    """``PYRUNC_ZYGOTE=0`` turns the zygote off (every shim is spawned directly)."""
+    return os.environ.get("PYRUNC_ZYGOTE", "1") not in ("0", "false", "no", "")
+
+
+def _fingerprint() -> str:
+    import hashlib
+    import importlib.util
+
+    h = hashlib.sha256(f"{os.getuid()}\0{sys.executable}\0{sys.version}".encode())
+    for name in ("containerd_shim", "ttrpc"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        h.update(f"\0{name}={locations}".encode())
+        for top in locations:
+            for root, dirs, files in os.walk(top):
+                dirs[:] = [d for d in dirs if d != "__pycache__"]
+                for f in files:
+                    if f.endswith(".py"):
+                        with contextlib.suppress(OSError):
+                            h.update(b"%d" % os.stat(os.path.join(root, f)).st_mtime_ns)
+    return h.hexdigest()[:16]
+
+
+def socket_path() -> str:
+    return os.path.join(SOCKET_DIR, f"pyrunc-zygote-{_fingerprint()}")
+
+
+# --- client side ------------------------------------------------------------------------
+
+
+def _send(sock: socket.socket, message: Mapping[str, object], fds: list[int]) -> None:
+    payload = json.dumps(message).encode()
+    data = struct.pack("!I", len(payload)) + payload
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+    sent = sock.sendmsg([data], ancillary)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("zygote closed the connection")
+        buf += chunk
+    return buf
+
+
+def request(
+    path: str, op: str, argv: list[str], fds: list[int], *, timeout: float | None = 10.0
+) -> int | None:
+    """Ask the zygote at ``path`` to run ``op``; the daemon pid (``serve``) or exit status
+    (``delete``), or None if there is no working zygote (the caller falls back)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            ucred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            _pid, uid, _gid = struct.unpack("3i", ucred)
+            if uid != os.getuid():
+                return None
+            message = {"op": op, "argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}
+            _send(sock, message, fds)
+            (value,) = struct.unpack("!i", _recv_exact(sock, 4))
+        except (OSError, ConnectionError, ValueError):
+            return None
+        return value if value >= 0 else None  # -1: refused (exit statuses are >= 0)
+    finally:
+        sock.close()
+
+
+def launch(path: str) -> int:
+    """Start a zygote for ``path`` in the background (detached, own session); its pid."""
+    argv = [sys.executable, "-m", "containerd_shim.zygote", path, "-" * TITLE_ROOM]
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        actions = [(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)]
+        return os.posix_spawn(argv[0], argv, dict(os.environ), file_actions=actions, setsid=True)
+    finally:
+        os.close(devnull)
+
+
+# --- the zygote ---------------------------------------------------------------------------
+
+
+def _preload() -> None:
+    """Import everything a daemon and ``delete`` use, so forked children share it."""
+    import ctypes  # noqa: F401  (set_subreaper)
+    import logging  # noqa: F401
+
+    import containerd_shim.cgroups
+    import containerd_shim.events
+    import containerd_shim.manager
+    import containerd_shim.mount
+    import containerd_shim.serve
+    import containerd_shim.service
+    import containerd_shim.stdio  # noqa: F401
+    import ttrpc.blocking  # noqa: F401
+
+
+def _compile_clients() -> None:
+    """Write the bytecode caches of the modules ``start`` and ``delete`` import, once.
+
+    Those run as fresh interpreters per container; where PYTHONDONTWRITEBYTECODE
+    is set nothing else writes the caches and each of them would compile these
+    modules again. (What ``compileall`` at install time would do; a read-only
+    install just keeps compiling.)
+    """
+    import importlib.util
+    import py_compile
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("__init__", "__main__", "flags", "manager", "zygote"):
+        source = os.path.join(here, f"{name}.py")
+        with contextlib.suppress(Exception):
+            py_compile.compile(source, cfile=importlib.util.cache_from_source(source), doraise=True)
+
+
+def _argv_area() -> tuple[int, int]:
+    with open("/proc/self/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    # Fields 48 and 49 (1-based) are arg_start and arg_end; fields[0] is field 3.
+    return int(fields[45]), int(fields[46])
+
+
+def set_cmdline(argv: list[str], area: tuple[int, int]) -> bool:
+    """Make ``/proc/self/cmdline`` show ``argv`` by rewriting our own argv area in place."""
+    import ctypes
+
+    start, end = area
+    data = b"".join(a.encode() + b"\0" for a in argv)
+    if len(data) > end - start:
+        return False
+    ctypes.memmove(start, data + b"\0" * (end - start - len(data)), end - start)
+    return True
+
+
+def _recv_request(conn: socket.socket) -> tuple[dict[str, object], list[int]]:
+    fds: list[int] = []
+    msg, ancdata, _flags, _addr = conn.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds += list(struct.unpack(f"{usable // 4}i", data[:usable]))
+    try:
+        if len(msg) < 4:
+            msg += _recv_exact(conn, 4 - len(msg))
+        (size,) = struct.unpack("!I", msg[:4])
+        if size > _MAX_REQUEST:
+            raise ValueError("request too large")
+        body = msg[4:]
+        if len(body) < size:
+            body += _recv_exact(conn, size - len(body))
+        request = json.loads(body)
+        if not isinstance(request, dict):
+            raise ValueError("request is not an object")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return request, fds
+
+
+def _become(request: dict[str, object], keep: dict[int, int]) -> list[str]:
+    """In a forked child: take the request's environment, directory and descriptors."""
+    global _IN_CHILD
+    _IN_CHILD = True
+    argv = [str(a) for a in request["argv"]]  # type: ignore[attr-defined]
+    env = request["env"]
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in env.items()})  # type: ignore[attr-defined]
+    os.chdir(str(request["cwd"]))
+    devnull = os.open(os.devnull, os.O_RDWR)
+    targets = {0: devnull, 1: devnull, 2: devnull, **keep}
+    # Move sources out of the way of the targets first (a source may sit on a target number).
+    moved = {target: os.dup(source) for target, source in targets.items()}
+    for target, source in moved.items():
+        os.dup2(source, target)
+    os.closerange(max(targets) + 1, 1 << 16)
+    sys.argv = ["containerd-shim-pyrunc-v2", *_action_args(argv)]
+    return argv
+
+
+def _run_main(args: list[str]) -> int:
+    from containerd_shim.__main__ import main
+
+    try:
+        return main(args)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+
+def _action_args(argv: list[str]) -> list[str]:
+    """The shim's own arguments in a daemon argv (after ``-m containerd_shim``)."""
+    for i, a in enumerate(argv):
+        if a == "containerd_shim" and i > 0 and argv[i - 1] == "-m":
+            return argv[i + 1 :]
+    return argv[1:]
+
+
+def _serve_child(conn: socket.socket, request: dict[str, object], fds: list[int]) -> None:
+    """The forked intermediate: fork the daemon, report its pid, exit."""
+    area = _argv_area()
+    pid = os.fork()
+    if pid:
+        with contextlib.suppress(OSError):
+            conn.sendall(struct.pack("!i", pid))
+        os._exit(0)
+    code = 1
+    try:
+        os.setsid()
+        argv = [str(a) for a in request["argv"]]  # type: ignore[attr-defined]
+        set_cmdline(argv, area)
+        conn_fd = conn.detach()
+        os.close(conn_fd)
+        _become(request, {3: fds[0]})
+        code = _run_main(_action_args(argv))
+    finally:
+        os._exit(code)
+
+
+def _delete_child(conn: socket.socket, request: dict[str, object], fds: list[int]) -> None:
+    code = 1
+    try:
+        argv = [str(a) for a in request["argv"]]  # type: ignore[attr-defined]
+        conn_fd = os.dup(conn.fileno())
+        _become(request, {1: fds[0], 2: fds[1], 3: conn_fd})
+        code = _run_main(_action_args(argv))
+        os.write(3, struct.pack("!i", code))
+    finally:
+        os._exit(code)
+
+
+def _handle(conn: socket.socket, area: tuple[int, int]) -> None:
+    ucred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    if struct.unpack("3i", ucred)[1] != os.getuid():
+        return
+    conn.settimeout(5)
+    request, fds = _recv_request(conn)
+    try:
+        op = request.get("op")
+        argv = request.get("argv")
+        if not isinstance(argv, list) or op not in ("serve", "delete"):
+            return
+        if op == "serve" and (len(fds) != 1 or not _fits(argv, area)):
+            conn.sendall(struct.pack("!i", -1))
+            return
+        if op == "delete" and len(fds) != 2:
+            return
+        import threading
+
+        if threading.active_count() != 1:  # never fork a threaded process
+            conn.sendall(struct.pack("!i", -1))
+            return
+        global _ZYGOTE_PID
+        _ZYGOTE_PID = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            (_serve_child if op == "serve" else _delete_child)(conn, request, fds)
+        if op == "serve":
+            os.waitpid(pid, 0)  # the intermediate exits at once
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _fits(argv: list[object], area: tuple[int, int]) -> bool:
+    return sum(len(str(a).encode()) + 1 for a in argv) <= area[1] - area[0]
+
+
+def _reap() -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+def run(path: str) -> int:
+    """The zygote's main loop (``python -m containerd_shim.zygote PATH``)."""
+    import fcntl
+    import gc
+    import selectors
+
+    os.chdir("/")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return 0  # another zygote runs (or is starting) for this path
+    _preload()
+    from containerd_shim.manager import adjust_oom_score
+
+    with contextlib.suppress(OSError, ValueError):
+        adjust_oom_score(os.getpid(), os.getpid())  # like a shim: one above who started it
+    _compile_clients()
+    area = _argv_area()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    os.fchmod(listener.fileno(), 0o600)
+    listener.bind(path)
+    os.chmod(path, 0o600)
+    listener.listen(128)
+    inode = os.stat(path).st_ino
+    with open(path + ".pid.tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(path + ".pid.tmp", path + ".pid")
+    gc.collect()
+    gc.freeze()  # forked children never touch the pre-imported objects' GC headers
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    last = time.monotonic()
+    try:
+        while True:
+            ready = selector.select(timeout=5)
+            _reap()
+            if not ready:
+                try:
+                    if os.stat(path).st_ino != inode:
+                        return 0
+                except FileNotFoundError:
+                    return 0
+                if time.monotonic() - last > IDLE_SECONDS:
+                    return 0
+                continue
+            last = time.monotonic()
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn, contextlib.suppress(Exception):
+                _handle(conn, area)
+    finally:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+                os.unlink(path + ".pid")
+
+
+if __name__ == "__main__":
+    # Run as the package's module, not as __main__: children check its in_child() flag.
+    from containerd_shim.zygote import run as _run
+
+    sys.exit(_run(sys.argv[1]))
