@@ -1,16 +1,24 @@
-"""Benchmark peers for bench/run.py: one Echo server or one Echo load generator per process.
+"""Benchmark peers for bench/run.py: one server, one Echo load generator or one stream
+benchmark per process.
 
 ::
 
-    python bench/peers.py server KIND SOCKET_PATH --gen GENDIR
-    python bench/peers.py client KIND SOCKET_PATH --gen GENDIR [--size N ...]
+    python bench/peers.py server KIND SOCKET_PATH --gen GENDIR [--interceptors]
+    python bench/peers.py client KIND SOCKET_PATH --gen GENDIR [--size N ...] [--interceptors]
+    python bench/peers.py stream KIND SOCKET_PATH --gen GENDIR --stream-kind server|client|bidi
+                                 [--count N] [--size N] [--repeats N]
 
 KIND is ``aio``, ``uvloop``, ``blocking`` (ttrpc) or ``grpc-aio``, ``grpc-sync``.
-GENDIR holds the code generated from tests/interop/interop.proto (run.py makes it).
-A server prints READY once it listens and exits on SIGTERM/SIGINT. A client
-prints one JSON object (the schema of bench/go/go-bench): one-call-in-flight
-latency, then calls/s per in-flight level (median of --repeats runs), every phase
-bounded in calls and time.
+GENDIR holds the code generated from tests/interop/interop.proto and
+streaming.proto (run.py makes it). A server (Interop and Streaming) prints READY
+once it listens and exits on SIGTERM/SIGINT. A client prints one JSON object (the
+schema of bench/go/go-bench): one-call-in-flight latency, then calls/s per
+in-flight level (median of --repeats runs), every phase bounded in calls and time.
+``stream`` moves --count messages of --size bytes through one stream of the
+given kind (Streaming.Count, Sum or Echo) --repeats times on one connection and
+prints ``{"messages_per_s": median, "runs": [...]}``. ``--interceptors`` puts two
+interceptors on a ttrpc server or client (a pass-through one and the logging one
+with its records filtered out), to measure what the chain costs.
 
 Each kind imports only its own libraries (asyncio too: with ssl it costs a
 blocking server ~8 MiB), so a server's memory is its own.
@@ -35,6 +43,106 @@ ASYNC_KINDS = ("aio", "uvloop", "grpc-aio")
 
 
 # -- servers -------------------------------------------------------------------
+
+
+def _interceptors(enabled: bool) -> list[Any]:
+    if not enabled:
+        return []
+    import logging
+
+    from ttrpc.interceptors import Interceptor, LoggingInterceptor
+
+    quiet = logging.getLogger("ttrpc.bench.calls")
+    quiet.setLevel(logging.WARNING)  # the hook runs, its INFO records are filtered out
+    return [Interceptor(), LoggingInterceptor(quiet)]
+
+
+def _pattern(size: int) -> bytes:
+    return (bytes(range(251)) * (size // 251 + 1))[:size]
+
+
+def _ttrpc_streaming(asynchronous: bool) -> object:
+    import streaming_pb2
+    import streaming_ttrpc
+
+    Item, SumResponse = streaming_pb2.Item, streaming_pb2.SumResponse
+
+    class AsyncStreaming(streaming_ttrpc.StreamingService):  # type: ignore[misc]
+        async def Count(self, request: Any, ctx: Any = None) -> Any:
+            data = _pattern(request.size)
+            for seq in range(request.count):
+                yield Item(seq=seq, data=data)
+
+        async def Sum(self, requests: Any, ctx: Any = None) -> Any:
+            count = size = 0
+            async for item in requests:
+                count += 1
+                size += len(item.data)
+            return SumResponse(count=count, bytes=size)
+
+        async def Echo(self, requests: Any, ctx: Any = None) -> Any:
+            async for item in requests:
+                yield item
+
+    class BlockingStreaming(streaming_ttrpc.StreamingBlockingService):  # type: ignore[misc]
+        def Count(self, request: Any, ctx: Any = None) -> Any:
+            data = _pattern(request.size)
+            for seq in range(request.count):
+                yield Item(seq=seq, data=data)
+
+        def Sum(self, requests: Any, ctx: Any = None) -> Any:
+            count = size = 0
+            for item in requests:
+                count += 1
+                size += len(item.data)
+            return SumResponse(count=count, bytes=size)
+
+        def Echo(self, requests: Any, ctx: Any = None) -> Any:
+            yield from requests
+
+    return AsyncStreaming() if asynchronous else BlockingStreaming()
+
+
+def _grpc_streaming(asynchronous: bool) -> object:
+    import streaming_pb2
+    import streaming_pb2_grpc
+
+    Item, SumResponse = streaming_pb2.Item, streaming_pb2.SumResponse
+
+    class AsyncStreaming(streaming_pb2_grpc.StreamingServicer):  # type: ignore[misc]
+        async def Count(self, request: Any, context: Any) -> Any:
+            data = _pattern(request.size)
+            for seq in range(request.count):
+                yield Item(seq=seq, data=data)
+
+        async def Sum(self, request_iterator: Any, context: Any) -> Any:
+            count = size = 0
+            async for item in request_iterator:
+                count += 1
+                size += len(item.data)
+            return SumResponse(count=count, bytes=size)
+
+        async def Echo(self, request_iterator: Any, context: Any) -> Any:
+            async for item in request_iterator:
+                yield item
+
+    class SyncStreaming(streaming_pb2_grpc.StreamingServicer):  # type: ignore[misc]
+        def Count(self, request: Any, context: Any) -> Any:
+            data = _pattern(request.size)
+            for seq in range(request.count):
+                yield Item(seq=seq, data=data)
+
+        def Sum(self, request_iterator: Any, context: Any) -> Any:
+            count = size = 0
+            for item in request_iterator:
+                count += 1
+                size += len(item.data)
+            return SumResponse(count=count, bytes=size)
+
+        def Echo(self, request_iterator: Any, context: Any) -> Any:
+            yield from request_iterator
+
+    return AsyncStreaming() if asynchronous else SyncStreaming()
 
 
 def _ttrpc_service(asynchronous: bool) -> object:
@@ -88,9 +196,11 @@ async def _serve_async(kind: str, path: str) -> None:
     if kind == "grpc-aio":
         import grpc
         import interop_pb2_grpc
+        import streaming_pb2_grpc
 
         gserver = grpc.aio.server()
         interop_pb2_grpc.add_InteropServicer_to_server(_grpc_servicer(True), gserver)
+        streaming_pb2_grpc.add_StreamingServicer_to_server(_grpc_streaming(True), gserver)
         gserver.add_insecure_port(f"unix:{path}")
         await gserver.start()
         _ready()
@@ -99,8 +209,9 @@ async def _serve_async(kind: str, path: str) -> None:
         return
     import ttrpc.aio
 
-    server = ttrpc.aio.Server()
+    server = ttrpc.aio.Server(interceptors=_interceptors(INTERCEPTORS))
     server.register(_ttrpc_service(True))  # type: ignore[arg-type]
+    server.register(_ttrpc_streaming(True))  # type: ignore[arg-type]
     await server.start(f"unix://{path}")
     _ready()
     await stop.wait()
@@ -116,9 +227,11 @@ def _serve_threaded(kind: str, path: str) -> None:
 
         import grpc
         import interop_pb2_grpc
+        import streaming_pb2_grpc
 
         gserver = grpc.server(ThreadPoolExecutor(max_workers=64))
         interop_pb2_grpc.add_InteropServicer_to_server(_grpc_servicer(False), gserver)
+        streaming_pb2_grpc.add_StreamingServicer_to_server(_grpc_streaming(False), gserver)
         gserver.add_insecure_port(f"unix:{path}")
         gserver.start()
         _ready()
@@ -127,8 +240,9 @@ def _serve_threaded(kind: str, path: str) -> None:
         return
     import ttrpc.blocking
 
-    server = ttrpc.blocking.Server(max_workers=64)
+    server = ttrpc.blocking.Server(max_workers=64, interceptors=_interceptors(INTERCEPTORS))
     server.register(_ttrpc_service(False))  # type: ignore[arg-type]
+    server.register(_ttrpc_streaming(False))  # type: ignore[arg-type]
     server.start(f"unix://{path}")
     _ready()
     signal.sigwait(signals)
@@ -314,7 +428,9 @@ async def _run_async_client(kind: str, path: str, plan: Plan) -> dict[str, Any]:
 
     import ttrpc.aio
 
-    client = await ttrpc.aio.connect(f"unix://{path}", timeout=10)
+    client = await ttrpc.aio.connect(
+        f"unix://{path}", timeout=10, interceptors=_interceptors(INTERCEPTORS)
+    )
     try:
         stub = interop_ttrpc.InteropClient(client)
 
@@ -347,7 +463,9 @@ def _run_threaded_client(kind: str, path: str, plan: Plan) -> dict[str, Any]:
 
     import ttrpc.blocking
 
-    with ttrpc.blocking.connect(f"unix://{path}", timeout=10) as client:
+    with ttrpc.blocking.connect(
+        f"unix://{path}", timeout=10, interceptors=_interceptors(INTERCEPTORS)
+    ) as client:
         stub = interop_ttrpc.InteropBlockingClient(client)
 
         def call() -> None:
@@ -368,12 +486,169 @@ def run_client(kind: str, path: str, plan: Plan) -> dict[str, Any]:
     return _run_threaded_client(kind, path, plan)
 
 
+# -- streams -------------------------------------------------------------------
+
+
+def _stream_result(runs: list[float], count: int) -> dict[str, Any]:
+    rates = [count / s for s in runs]
+    return {
+        "count": count,
+        "runs": rates,
+        "messages_per_s": sorted(rates)[(len(rates) - 1) // 2],
+    }
+
+
+def _check_count(got: int, want: int) -> None:
+    if got != want:
+        raise RuntimeError(f"stream moved {got} messages, expected {want}")
+
+
+async def _run_async_stream(kind: str, path: str, ns: argparse.Namespace) -> dict[str, Any]:
+    import asyncio
+
+    import streaming_pb2
+
+    count, size, skind = ns.count, ns.size, ns.stream_kind
+    item = streaming_pb2.Item(data=b"x" * size)
+    request = streaming_pb2.CountRequest(count=count, size=size)
+
+    def items() -> Any:
+        return (item for _ in range(count))
+
+    if kind == "grpc-aio":
+        import grpc
+        import streaming_pb2_grpc
+
+        channel = grpc.aio.insecure_channel(f"unix:{path}")
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        gstub = streaming_pb2_grpc.StreamingStub(channel)
+
+        async def gonce() -> None:
+            if skind == "server":
+                n = 0
+                async for _ in gstub.Count(request):
+                    n += 1
+                _check_count(n, count)
+            elif skind == "client":
+                _check_count((await gstub.Sum(items())).count, count)
+            else:
+                n = 0
+                async for _ in gstub.Echo(items()):
+                    n += 1
+                _check_count(n, count)
+
+        try:
+            return _stream_result([await _timed_async(gonce) for _ in range(ns.repeats)], count)
+        finally:
+            await channel.close()
+    import streaming_ttrpc
+
+    import ttrpc.aio
+
+    client = await ttrpc.aio.connect(
+        f"unix://{path}", timeout=10, interceptors=_interceptors(INTERCEPTORS)
+    )
+    stub = streaming_ttrpc.StreamingClient(client)
+
+    async def once() -> None:
+        if skind == "server":
+            n = 0
+            async for _ in stub.Count(request):
+                n += 1
+            _check_count(n, count)
+        elif skind == "client":
+            _check_count((await stub.Sum(items())).count, count)
+        else:
+            n = 0
+            async for _ in stub.Echo(items()):
+                n += 1
+            _check_count(n, count)
+
+    try:
+        return _stream_result([await _timed_async(once) for _ in range(ns.repeats)], count)
+    finally:
+        await client.close()
+
+
+async def _timed_async(fn: Callable[[], Awaitable[None]]) -> float:
+    start = time.perf_counter()
+    await fn()
+    return time.perf_counter() - start
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _run_threaded_stream(kind: str, path: str, ns: argparse.Namespace) -> dict[str, Any]:
+    import streaming_pb2
+
+    count, size, skind = ns.count, ns.size, ns.stream_kind
+    item = streaming_pb2.Item(data=b"x" * size)
+    request = streaming_pb2.CountRequest(count=count, size=size)
+
+    def items() -> Any:
+        return (item for _ in range(count))
+
+    if kind == "grpc-sync":
+        import grpc
+        import streaming_pb2_grpc
+
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=10)
+            gstub = streaming_pb2_grpc.StreamingStub(channel)
+
+            def gonce() -> None:
+                if skind == "server":
+                    _check_count(sum(1 for _ in gstub.Count(request)), count)
+                elif skind == "client":
+                    _check_count(gstub.Sum(items()).count, count)
+                else:
+                    _check_count(sum(1 for _ in gstub.Echo(items())), count)
+
+            return _stream_result([_timed(gonce) for _ in range(ns.repeats)], count)
+    import streaming_ttrpc
+
+    import ttrpc.blocking
+
+    with ttrpc.blocking.connect(
+        f"unix://{path}", timeout=10, interceptors=_interceptors(INTERCEPTORS)
+    ) as client:
+        stub = streaming_ttrpc.StreamingBlockingClient(client)
+
+        def once() -> None:
+            if skind == "server":
+                _check_count(sum(1 for _ in stub.Count(request)), count)
+            elif skind == "client":
+                _check_count(stub.Sum(items()).count, count)
+            else:
+                _check_count(sum(1 for _ in stub.Echo(items())), count)
+
+        return _stream_result([_timed(once) for _ in range(ns.repeats)], count)
+
+
+def run_stream(kind: str, path: str, ns: argparse.Namespace) -> dict[str, Any]:
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.run(_run_async_stream(kind, path, ns))
+    if kind in ASYNC_KINDS:
+        import asyncio
+
+        return asyncio.run(_run_async_stream(kind, path, ns))
+    return _run_threaded_stream(kind, path, ns)
+
+
 # -- command line --------------------------------------------------------------
+
+INTERCEPTORS = False
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("role", choices=("server", "client"))
+    parser.add_argument("role", choices=("server", "client", "stream"))
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("path", help="unix socket path")
     parser.add_argument("--gen", required=True, help="directory of the generated interop code")
@@ -386,8 +661,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per level (median kept)")
     parser.add_argument("--max-calls", type=int, default=1_000_000, help="calls bound per run")
     parser.add_argument("--cprofile", help="write a cProfile of this process to FILE")
+    parser.add_argument("--interceptors", action="store_true", help="two ttrpc interceptors")
+    parser.add_argument("--stream-kind", choices=("server", "client", "bidi"), default="server")
+    parser.add_argument("--count", type=int, default=100_000, help="messages per stream")
     ns = parser.parse_args(argv)
     sys.path.insert(0, os.path.abspath(ns.gen))
+    global INTERCEPTORS
+    INTERCEPTORS = ns.interceptors
 
     profiler = None
     if ns.cprofile:
@@ -398,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.role == "server":
             serve(ns.kind, ns.path)
+        elif ns.role == "stream":
+            sys.stdout.write(json.dumps(run_stream(ns.kind, ns.path, ns)) + "\n")
         else:
             result = run_client(ns.kind, ns.path, Plan(ns))
             sys.stdout.write(json.dumps(result) + "\n")

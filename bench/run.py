@@ -7,6 +7,10 @@ temporary directory, each server in its own process and each client in another:
   latency and calls/s with 1, 8 and 64 calls in flight on one connection, for
   ttrpc (asyncio, uvloop, blocking and cross pairings), grpcio (aio, sync) and
   Go ttrpc (the tests/interop go-server and bench/go/go-bench);
+* the same Echo through two interceptors on each side (``+icpt`` pairings);
+* streams: 100k messages of 16 B through one stream of each kind
+  (server-streaming, client-streaming, bidi) on ttrpc and grpcio, against Go
+  ttrpc's unary rate (Go 1.1.1 has no streams) measured in the same run;
 * server memory (/proc/PID/smaps_rollup) idle and after 100k 16 B calls;
 * ``import`` time of ttrpc and grpc, and installed size of each with protobuf.
 
@@ -75,7 +79,9 @@ class Pairing:
     label: str
     client: str  # a peers.py kind or "go"
     server: str
-    family: str  # "ttrpc" (both ends Python ttrpc), "mixed" (one end Go), "grpcio", "go"
+    # "ttrpc" (both ends Python ttrpc), "ttrpc+icpt" (the same with interceptors),
+    # "mixed" (one end Go), "grpcio", "go"
+    family: str
 
 
 PAIRINGS = (
@@ -84,6 +90,9 @@ PAIRINGS = (
     Pairing("ttrpc blocking → blocking", "blocking", "blocking", "ttrpc"),
     Pairing("ttrpc blocking → uvloop", "blocking", "uvloop", "ttrpc"),
     Pairing("ttrpc blocking → asyncio", "blocking", "aio", "ttrpc"),
+    Pairing("ttrpc asyncio → asyncio +icpt", "aio+icpt", "aio+icpt", "ttrpc+icpt"),
+    Pairing("ttrpc uvloop → uvloop +icpt", "uvloop+icpt", "uvloop+icpt", "ttrpc+icpt"),
+    Pairing("ttrpc blocking → blocking +icpt", "blocking+icpt", "blocking+icpt", "ttrpc+icpt"),
     Pairing("grpcio aio → aio", "grpc-aio", "grpc-aio", "grpcio"),
     Pairing("grpcio sync → sync", "grpc-sync", "grpc-sync", "grpcio"),
     Pairing("Go ttrpc → Go ttrpc", "go", "go", "go"),
@@ -94,6 +103,19 @@ PAIRINGS = (
 )
 DEFAULT_PAIRING = "ttrpc asyncio → asyncio"
 GRPC_AIO = "grpcio aio → aio"
+
+STREAM_PAIRINGS = (
+    Pairing("ttrpc asyncio → asyncio", "aio", "aio", "ttrpc"),
+    Pairing("ttrpc uvloop → uvloop", "uvloop", "uvloop", "ttrpc"),
+    Pairing("ttrpc blocking → blocking", "blocking", "blocking", "ttrpc"),
+    Pairing("ttrpc blocking → uvloop", "blocking", "uvloop", "ttrpc"),
+    Pairing("ttrpc asyncio → asyncio +icpt", "aio+icpt", "aio+icpt", "ttrpc+icpt"),
+    Pairing("grpcio aio → aio", "grpc-aio", "grpc-aio", "grpcio"),
+    Pairing("grpcio sync → sync", "grpc-sync", "grpc-sync", "grpcio"),
+)
+STREAM_KINDS = ("server", "client", "bidi")
+STREAM_PLAN = {"count": 100_000, "size": 16, "repeats": 3}
+STREAM_PLAN_QUICK = {"count": 100_000, "size": 16, "repeats": 1}
 GO_GO = "Go ttrpc → Go ttrpc"
 
 MEMORY_SERVERS = ("aio", "uvloop", "blocking", "grpc-aio", "grpc-sync", "go")
@@ -143,17 +165,24 @@ def use_checkout() -> None:
 
 
 def generate_code(gen: Path) -> None:
-    """ttrpc and grpc code for tests/interop/interop.proto, into a new directory ``gen``."""
+    """ttrpc and grpc code for tests/interop/{interop,streaming}.proto, into a new ``gen``."""
     gen.mkdir()
-    proto = str(PROTO_DIR / "interop.proto")
+    protos = [str(PROTO_DIR / "interop.proto"), str(PROTO_DIR / "streaming.proto")]
     out = str(gen)
     for cmd in (
         [sys.executable, "-m", "ttrpc.protoc", f"-I{PROTO_DIR}", f"--python_out={out}",
-         f"--pyi_out={out}", f"--ttrpc_out={out}", proto],
+         f"--pyi_out={out}", f"--ttrpc_out={out}", *protos],
         [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_DIR}",
-         f"--python_out={out}", f"--grpc_python_out={out}", proto],
+         f"--python_out={out}", f"--grpc_python_out={out}", *protos],
     ):  # fmt: skip
         subprocess.run(cmd, check=True, timeout=120)
+
+
+def peer_kind(kind: str) -> tuple[str, list[str]]:
+    """A pairing's kind as peers.py takes it: ``aio+icpt`` is ``aio --interceptors``."""
+    if kind.endswith("+icpt"):
+        return kind[: -len("+icpt")], ["--interceptors"]
+    return kind, []
 
 
 class Processes:
@@ -255,6 +284,7 @@ class Bench:
         self.go_bin = out
 
     def available(self, kind: str) -> bool:
+        kind = peer_kind(kind)[0]
         if kind == "go":
             return self.go_bin is not None
         if kind == "uvloop":
@@ -274,7 +304,11 @@ class Bench:
             assert self.go_bin is not None
             argv = [str(self.go_bin / "go-server"), f"unix://{path}"]
         else:
-            argv = [sys.executable, str(PEERS), "server", kind, str(path), "--gen", str(self.gen)]
+            base, extra = peer_kind(kind)
+            argv = [
+                sys.executable, str(PEERS), "server", base, str(path), "--gen", str(self.gen),
+                *extra,
+            ]  # fmt: skip
         errlog = self.tmp / f"{path.stem}.stderr"
         with open(errlog, "wb") as err:
             proc = self.procs.start(argv, stdout=subprocess.PIPE, stderr=err)
@@ -312,8 +346,10 @@ class Bench:
                 "-max-calls", str(max_calls),
             ]  # fmt: skip
         else:
+            base, extra = peer_kind(kind)
             argv = [
-                sys.executable, str(PEERS), "client", kind, str(path), "--gen", str(self.gen),
+                sys.executable, str(PEERS), "client", base, str(path), "--gen", str(self.gen),
+                *extra,
                 "--size", str(size), "--warmup", str(warmup), "--lat-calls", str(lat_calls),
                 "--lat-seconds", str(lat_seconds), "--inflight", inflight,
                 "--duration", str(duration), "--repeats", str(repeats),
@@ -321,6 +357,13 @@ class Bench:
             ]  # fmt: skip
         # Bounds: latency phase, each level plus its warmup, generous slack for start-up.
         timeout = lat_seconds + len(levels) * (repeats * duration + 10.0) + 60.0
+        return self.run_json(kind, argv, timeout, server_pid)
+
+    def run_json(
+        self, kind: str, argv: list[str], timeout: float, server_pid: int | None
+    ) -> dict[str, Any]:
+        """Run a measuring child to completion: the JSON object it prints last, plus
+        ``foreign_cpu``."""
         with (
             tempfile.TemporaryFile(dir=self.tmp) as out,
             tempfile.TemporaryFile(dir=self.tmp) as err,
@@ -351,6 +394,46 @@ class Bench:
         return result
 
     # -- phases --
+
+    def streams(self) -> dict[str, Any]:
+        """100k small messages through one stream of each kind, per pairing; and Go's
+        unary rate in the same run (Go ttrpc 1.1.1 has no streams)."""
+        plan = STREAM_PLAN_QUICK if self.args.quick else STREAM_PLAN
+        results: dict[str, Any] = {"plan": plan, "pairings": {}}
+        for p in STREAM_PAIRINGS:
+            if not (self.available(p.client) and self.available(p.server)):
+                continue
+            if self.args.pairing not in p.label:
+                continue
+            row: dict[str, Any] = {}
+            for kind in STREAM_KINDS:
+                self.log(f"streams: {p.label}, {kind} ({plan['count']:,} messages)")
+                base, extra = peer_kind(p.client)
+                try:
+                    with self.server(p.server) as (server, path):
+                        argv = [
+                            sys.executable, str(PEERS), "stream", base, str(path),
+                            "--gen", str(self.gen), *extra, "--stream-kind", kind,
+                            "--count", str(plan["count"]), "--size", str(plan["size"]),
+                            "--repeats", str(plan["repeats"]),
+                        ]  # fmt: skip
+                        row[kind] = self.run_json(p.client, argv, 600.0, server.pid)
+                except BenchError as exc:
+                    self.log(f"  error: {exc}")
+                    row[kind] = {"error": str(exc)}
+            results["pairings"][p.label] = row
+        if self.available("go"):
+            self.log("streams: Go ttrpc unary reference (Go 1.1.1 has no streams)")
+            try:
+                with self.server("go") as (server, path):
+                    results["go_unary"] = self.client(
+                        "go", path, size=plan["size"], warmup=200, lat_calls=0, lat_seconds=0.0,
+                        levels=(1, 64), duration=1.0, max_calls=plan["count"],
+                        repeats=plan["repeats"], server_pid=server.pid,
+                    )  # fmt: skip
+            except BenchError as exc:
+                self.log(f"  error: {exc}")
+        return results
 
     def echo(self) -> dict[str, dict[str, Any]]:
         """Every pairing, in rounds: time-varying noise (a busy host) hits all of them alike."""
@@ -729,6 +812,60 @@ def echo_table(results: dict[str, Any], size: str) -> list[str]:
     return [*lines, ""]
 
 
+def streams_table(results: dict[str, Any]) -> list[str]:
+    st = results.get("streams")
+    if not st:
+        return []
+    plan = st["plan"]
+    go = st.get("go_unary")
+    go64 = _rate(go, 64) if go else None
+    go1 = _rate(go, 1) if go else None
+    pairings = st["pairings"]
+
+    def rate(label: str, kind: str) -> float | None:
+        r = pairings.get(label, {}).get(kind)
+        return float(r["messages_per_s"]) if r and "error" not in r else None
+
+    lines = [
+        f"#### Streams: {plan['count']:,} messages of {plan['size']} B through one stream",
+        "",
+        f"messages/s, median of {plan['repeats']} streams on one connection. server: "
+        "Streaming.Count (the server sends), client: Streaming.Sum (the client sends), "
+        "bidi: Streaming.Echo (every message there and back). vs Go unary: against Go ttrpc "
+        "1.1.1's Echo calls/s with 64 in flight in this run (it has no streams); vs grpcio: "
+        "against grpcio aio's rate for the same kind.",
+        "",
+        "| client → server | server msg/s | client msg/s | bidi msg/s "
+        "| server vs Go unary | client vs Go unary | server vs grpcio | client vs grpcio "
+        "| bidi vs grpcio |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for label, row in pairings.items():
+        cells = []
+        for kind in STREAM_KINDS:
+            r = row.get(kind)
+            if r is None:
+                cells.append("-")
+            elif "error" in r:
+                cells.append(f"error: {r['error'][:40]}")
+            else:
+                cells.append(_num(r["messages_per_s"]))
+        lines.append(
+            f"| {label} | {' | '.join(cells)} "
+            f"| {_ratio(rate(label, 'server'), go64)} | {_ratio(rate(label, 'client'), go64)} "
+            f"| {_ratio(rate(label, 'server'), rate(GRPC_AIO, 'server'))} "
+            f"| {_ratio(rate(label, 'client'), rate(GRPC_AIO, 'client'))} "
+            f"| {_ratio(rate(label, 'bidi'), rate(GRPC_AIO, 'bidi'))} |"
+        )
+    if go64 is not None:
+        lines += [
+            "",
+            f"Go ttrpc unary reference (same run, {plan['size']} B Echo, one connection): "
+            f"{_num(go64)} calls/s with 64 in flight, {_num(go1)} with 1.",
+        ]
+    return [*lines, ""]
+
+
 def memory_table(results: dict[str, Any]) -> list[str]:
     mem = results.get("memory")
     if not mem:
@@ -922,6 +1059,7 @@ def report(results: dict[str, Any]) -> str:
     ]
     for size in results.get("echo", {}):
         lines += echo_table(results, size)
+    lines += streams_table(results)
     lines += memory_table(results)
     lines += import_table(results)
     lines += size_table(results)
@@ -937,7 +1075,7 @@ def _raise_exit(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-SECTIONS = ("echo", "memory", "imports", "sizes")
+SECTIONS = ("echo", "streams", "memory", "imports", "sizes")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -976,14 +1114,16 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine_info(),
             "plan": {size_label(s): p for s, p in bench.plan.items()},
         }
-        if sections & {"echo", "memory", "imports"}:
+        if sections & {"echo", "streams", "memory", "imports"}:
             bench.generate()
-        if sections & {"echo", "memory"}:
+        if sections & {"echo", "streams", "memory"}:
             bench.build_go()
         if not bench.have_uvloop:
             bench.notes.append("uvloop not importable: uvloop pairings skipped.")
         if "echo" in sections:
             results["echo"] = bench.echo()
+        if "streams" in sections:
+            results["streams"] = bench.streams()
         if "memory" in sections:
             results["memory"] = bench.memory()
         if "imports" in sections:

@@ -15,11 +15,15 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ANY": "ttrpc.handshake",
+    "Backoff": "ttrpc._backoff",
     "PeerCredentials": "ttrpc.handshake",
     "require_root": "ttrpc.handshake",
     "require_same_user": "ttrpc.handshake",
     "require_uid_gid": "ttrpc.handshake",
+    "CallInfo": "ttrpc.interceptors",
     "Context": "ttrpc.context",
+    "Interceptor": "ttrpc.interceptors",
+    "LoggingInterceptor": "ttrpc.interceptors",
     "Metadata": "ttrpc.metadata",
     "MAX_MESSAGE_LENGTH": "ttrpc.protocol",
     "Method": "ttrpc.service",
@@ -32,9 +36,13 @@ _EXPORTS = {
 __all__ = [
     "ANY",
     "MAX_MESSAGE_LENGTH",
+    "Backoff",
+    "CallInfo",
     "Code",
     "ConnectionClosed",
     "Context",
+    "Interceptor",
+    "LoggingInterceptor",
     "Metadata",
     "Method",
     "PeerCredentials",
@@ -46,6 +54,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from ttrpc._backoff import Backoff
     from ttrpc.context import Context
     from ttrpc.handshake import (
         ANY,
@@ -54,6 +63,7 @@ if TYPE_CHECKING:
         require_same_user,
         require_uid_gid,
     )
+    from ttrpc.interceptors import CallInfo, Interceptor, LoggingInterceptor
     from ttrpc.metadata import Metadata
     from ttrpc.protocol import MAX_MESSAGE_LENGTH
     from ttrpc.service import Method, Service

@@ -46,6 +46,21 @@ class Context:
         self.peer: PeerCredentials | None = None
         self._cancelled = False
 
+    def copy(self) -> Context:
+        """A new context with the same deadline and a copy of the metadata.
+
+        Client interceptors get a copy, so that what they add to one call's
+        metadata does not stick to a context the caller reuses.
+        """
+        ctx = Context(deadline=self.deadline, metadata=self.metadata.copy())
+        ctx.method = self.method
+        ctx.peer = self.peer
+        return ctx
+
+    def set_timeout(self, timeout: float | None) -> None:
+        """Set the deadline ``timeout`` seconds from now (``None``: no deadline)."""
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+
     def time_remaining(self) -> float | None:
         """Seconds left before the deadline (may be negative), or ``None`` without one."""
         if self.deadline is None:

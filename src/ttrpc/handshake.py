@@ -18,6 +18,7 @@ __all__ = [
     "ANY",
     "Handshake",
     "PeerCredentials",
+    "log_refusal",
     "peer_credentials",
     "require_root",
     "require_same_user",
@@ -51,7 +52,21 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
 
 
 Handshake = Callable[[PeerCredentials | None], bool]
-"""A server's accept check: gets the peer's credentials, returns whether to serve it."""
+"""A server's accept check: gets the peer's credentials (None when the transport has
+none, e.g. vsock), returns whether to serve it. Any callable will do (a custom hook)."""
+
+
+def log_refusal(peer: PeerCredentials | None) -> None:
+    """What servers log when their handshake refuses a connection (closed without a reply)."""
+    if peer is None:
+        log.warning("ttrpc: refusing connection after handshake: no peer credentials")
+    else:
+        log.warning(
+            "ttrpc: refusing connection after handshake: pid %d uid %d gid %d",
+            peer.pid,
+            peer.uid,
+            peer.gid,
+        )
 
 
 def require_uid_gid(uid: int = ANY, gid: int = ANY) -> Handshake:
@@ -60,12 +75,7 @@ def require_uid_gid(uid: int = ANY, gid: int = ANY) -> Handshake:
     def check(peer: PeerCredentials | None) -> bool:
         if peer is None:
             return False
-        ok = (uid == ANY or peer.uid == uid) and (gid == ANY or peer.gid == gid)
-        if not ok:
-            log.warning(
-                "ttrpc: refusing connection from pid %d uid %d gid %d", peer.pid, peer.uid, peer.gid
-            )
-        return ok
+        return (uid == ANY or peer.uid == uid) and (gid == ANY or peer.gid == gid)
 
     return check
 

@@ -19,11 +19,17 @@ from ttrpc.status import Code, RpcError
 from ttrpc.ttrpc_pb2 import Request, Response, Status
 
 __all__ = [
+    "FLAGS_CLOSE",
+    "FLAG_NO_DATA",
+    "FLAG_REMOTE_CLOSED",
+    "FLAG_REMOTE_OPEN",
     "HEADER_LENGTH",
     "MAX_MESSAGE_LENGTH",
     "MESSAGE_TYPE_DATA",
     "MESSAGE_TYPE_REQUEST",
     "MESSAGE_TYPE_RESPONSE",
+    "STREAM_BUFFER_SIZE",
+    "STREAM_MESSAGE_OVERHEAD",
     "CallFailed",
     "ClientConnection",
     "Frame",
@@ -32,6 +38,9 @@ __all__ = [
     "RequestReceived",
     "ResponseReceived",
     "ServerConnection",
+    "StreamEnded",
+    "StreamMessage",
+    "StreamReset",
     "encode_frame",
 ]
 
@@ -47,9 +56,21 @@ MESSAGE_TYPE_REQUEST = 0x1
 MESSAGE_TYPE_RESPONSE = 0x2
 MESSAGE_TYPE_DATA = 0x3
 
+# Flags (ttrpc 1.2). On a Request: 0 = unary; REMOTE_CLOSED = server-streaming only (the
+# request carries the one message); REMOTE_OPEN = the client goes on sending Data frames.
+# On Data: REMOTE_CLOSED = the sender's last frame; NO_DATA = no message in this frame (a
+# zero-length Data frame without it is an empty message).
 FLAG_REMOTE_CLOSED = 0x1
 FLAG_REMOTE_OPEN = 0x2
 FLAG_NO_DATA = 0x4
+#: A sender closing its side: an empty Data frame flagged REMOTE_CLOSED | NO_DATA.
+FLAGS_CLOSE = FLAG_REMOTE_CLOSED | FLAG_NO_DATA
+
+#: Default bound of one stream's receive buffer, in bytes (see :data:`STREAM_MESSAGE_OVERHEAD`).
+STREAM_BUFFER_SIZE = 1 << 20
+#: What a buffered message counts for besides its payload (the objects that hold it), so
+#: that a flood of empty messages is bounded too.
+STREAM_MESSAGE_OVERHEAD = 64
 
 Buffer = bytes | bytearray | memoryview
 """What the readers accept: any contiguous bytes."""
@@ -186,17 +207,22 @@ class FrameReader:
 
 
 class RequestReceived(_Record):
-    """The server got a well-formed request on a new stream."""
+    """The server got a well-formed request on a new stream.
 
-    __slots__ = ("request", "stream_id")
+    ``flags`` are the request's: 0 for a unary call, :data:`FLAG_REMOTE_CLOSED` for a
+    server-streaming call, :data:`FLAG_REMOTE_OPEN` when the client goes on sending.
+    """
 
-    def __init__(self, stream_id: int, request: Request) -> None:
+    __slots__ = ("flags", "request", "stream_id")
+
+    def __init__(self, stream_id: int, request: Request, flags: int = 0) -> None:
         self.stream_id = stream_id
         self.request = request
+        self.flags = flags
 
 
 class ResponseReceived(_Record):
-    """The client got the response for one of its calls."""
+    """The client got the response for one of its calls (for a stream: its final status)."""
 
     __slots__ = ("response", "stream_id")
 
@@ -215,7 +241,48 @@ class CallFailed(_Record):
         self.error = error
 
 
-ClientEvent = ResponseReceived | CallFailed
+class StreamMessage(_Record):
+    """One message on a stream (a Data frame without :data:`FLAG_NO_DATA`).
+
+    The stream's receive buffer counts it until the driver reports it taken
+    with ``message_consumed(stream_id, len(payload))``.
+    """
+
+    __slots__ = ("payload", "stream_id")
+
+    def __init__(self, stream_id: int, payload: bytes) -> None:
+        self.stream_id = stream_id
+        self.payload = payload
+
+
+class StreamEnded(_Record):
+    """The peer closed its side of a stream: no more messages will come.
+
+    On a client this ends the call successfully (a server-streaming or bidi
+    method sends no Response when OK); on a server the handler's input ends.
+    """
+
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class StreamReset(_Record):
+    """Server side: a protocol error on a live stream was answered here with ``error``.
+
+    The call is over for the client; the driver drops the handler and its output.
+    """
+
+    __slots__ = ("error", "stream_id")
+
+    def __init__(self, stream_id: int, error: RpcError) -> None:
+        self.stream_id = stream_id
+        self.error = error
+
+
+ClientEvent = ResponseReceived | CallFailed | StreamMessage | StreamEnded
+ServerEvent = RequestReceived | StreamMessage | StreamEnded | StreamReset
 
 
 def _too_large(length: int, limit: int) -> str:
@@ -226,33 +293,116 @@ def _status_response(code: int, message: str) -> bytes:
     return Response(status=Status(code=code, message=message)).SerializeToString()
 
 
-class ServerConnection:
-    """Server side of one connection: validates requests and encodes responses.
+def check_stream_buffer_size(value: int) -> int:
+    """Validate a configured per-stream receive buffer bound (bytes)."""
+    if value < 1:
+        raise ValueError("stream buffer size must be positive")
+    return value
 
-    :meth:`receive_data` returns the requests to dispatch. Requests that break
-    a protocol rule are answered here; the answers wait in
-    :meth:`data_to_send`, which the driver must write after each call.
+
+class _Stream:
+    """What the core keeps per open stream: which sides are open and what is buffered.
+
+    ``buffered`` counts the messages handed to the driver and not yet taken
+    (payload bytes plus :data:`STREAM_MESSAGE_OVERHEAD` each). A stream over
+    its bound is *full* until it drains to half of it.
+    """
+
+    __slots__ = ("buffered", "full", "local_open", "remote_open")
+
+    def __init__(self, local_open: bool, remote_open: bool) -> None:
+        self.local_open = local_open
+        self.remote_open = remote_open
+        self.buffered = 0
+        self.full = False
+
+
+class _StreamTable:
+    """Streams by id and their receive-buffer accounting, shared by both sides."""
+
+    __slots__ = ("_full", "_streams", "stream_buffer_size")
+
+    def __init__(self, stream_buffer_size: int) -> None:
+        self.stream_buffer_size = check_stream_buffer_size(stream_buffer_size)
+        self._streams: dict[int, _Stream] = {}
+        self._full = 0
+
+    def _count(self, stream: _Stream, nbytes: int) -> None:
+        stream.buffered += nbytes + STREAM_MESSAGE_OVERHEAD
+        if not stream.full and stream.buffered > self.stream_buffer_size:
+            stream.full = True
+            self._full += 1
+
+    def _drop(self, stream_id: int) -> _Stream | None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None and stream.full:
+            self._full -= 1
+        return stream
+
+    def message_consumed(self, stream_id: int, nbytes: int) -> None:
+        """The application took a message of ``nbytes`` from the stream's buffer."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        stream.buffered -= nbytes + STREAM_MESSAGE_OVERHEAD
+        if stream.full and stream.buffered <= self.stream_buffer_size // 2:
+            stream.full = False
+            self._full -= 1
+
+    @property
+    def backlogged(self) -> bool:
+        """Some stream's buffer is over its bound: the driver should stop reading."""
+        return self._full > 0
+
+    def full_streams(self) -> list[int]:
+        """The streams over their bound (those a stalled consumer is to blame for)."""
+        return [sid for sid, stream in self._streams.items() if stream.full]
+
+    def is_open(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+
+class ServerConnection(_StreamTable):
+    """Server side of one connection: validates requests, tracks streams, encodes answers.
+
+    :meth:`receive_data` returns the events to act on. Frames that break a
+    protocol rule are answered here; the answers wait in :meth:`data_to_send`,
+    which the driver must write after each call.
     """
 
     __slots__ = ("_last_stream_id", "_outbound", "max_message_length", "reader")
 
-    def __init__(self, max_message_length: int = MAX_MESSAGE_LENGTH) -> None:
+    def __init__(
+        self,
+        max_message_length: int = MAX_MESSAGE_LENGTH,
+        stream_buffer_size: int = STREAM_BUFFER_SIZE,
+    ) -> None:
+        super().__init__(stream_buffer_size)
         self.reader = FrameReader(max_message_length)
         self.max_message_length = max_message_length
         self._last_stream_id = 0
         self._outbound = bytearray()
 
-    def receive_data(self, data: Buffer) -> list[RequestReceived]:
-        events: list[RequestReceived] = []
+    def receive_data(self, data: Buffer) -> list[ServerEvent]:
+        events: list[ServerEvent] = []
         for frame in self.reader.feed(data):
             if type(frame) is FrameTooLarge:
-                self._reject(
-                    frame.stream_id,
-                    Code.RESOURCE_EXHAUSTED,
-                    _too_large(frame.length, self.max_message_length),
-                )
+                stream_id = frame.stream_id
+                message = _too_large(frame.length, self.max_message_length)
+                self._reject(stream_id, Code.RESOURCE_EXHAUSTED, message)
+                if self._streams and self._drop(stream_id) is not None:
+                    events.append(
+                        StreamReset(stream_id, RpcError(Code.RESOURCE_EXHAUSTED, message))
+                    )
                 continue
             assert type(frame) is Frame
+            if frame.type == MESSAGE_TYPE_DATA:
+                self._data(frame, events)
+                continue
             if frame.type != MESSAGE_TYPE_REQUEST:
                 continue  # unknown types are ignored so that newer peers can talk to us
             try:
@@ -278,8 +428,44 @@ class ServerConnection:
                 )
                 continue
             self._last_stream_id = stream_id
-            events.append(RequestReceived(stream_id, request))
+            flags = frame.flags
+            if flags & (FLAG_REMOTE_CLOSED | FLAG_REMOTE_OPEN):
+                # A streaming call: the client may send Data (REMOTE_OPEN) and we may.
+                remote_open = flags & FLAG_REMOTE_CLOSED == 0
+                self._streams[stream_id] = _Stream(local_open=True, remote_open=remote_open)
+            events.append(RequestReceived(stream_id, request, flags))
         return events
+
+    def _data(self, frame: Frame, events: list[ServerEvent]) -> None:
+        stream_id = frame.stream_id
+        flags = frame.flags
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            if stream_id & 1 and stream_id <= self._last_stream_id:
+                # A stream that existed and is over (or a unary call): its end was answered
+                # already. Frames the client sent before it learnt that are dropped.
+                return
+            self._reject(
+                stream_id, Code.INVALID_ARGUMENT, f"ttrpc: data for unknown stream {stream_id}"
+            )
+            return
+        if not stream.remote_open:
+            if flags & FLAG_REMOTE_CLOSED and (flags & FLAG_NO_DATA or not frame.payload):
+                return  # a second close: nothing to do
+            message = f"ttrpc: data after the client closed stream {stream_id}"
+            self._drop(stream_id)
+            self._reject(stream_id, Code.INVALID_ARGUMENT, message)
+            events.append(StreamReset(stream_id, RpcError(Code.INVALID_ARGUMENT, message)))
+            return
+        if not flags & FLAG_NO_DATA:
+            # A closing frame that carries a message too is accepted (Go refuses it; we never
+            # send one): the message, then the end.
+            payload = frame.payload
+            self._count(stream, len(payload))
+            events.append(StreamMessage(stream_id, payload))
+        if flags & FLAG_REMOTE_CLOSED:
+            stream.remote_open = False
+            events.append(StreamEnded(stream_id))
 
     def _reject(self, stream_id: int, code: int, message: str) -> None:
         self._outbound += encode_frame(
@@ -295,7 +481,12 @@ class ServerConnection:
         return out
 
     def encode_response(self, stream_id: int, payload: bytes) -> bytes:
-        """The frame for a successful call; an oversize payload becomes RESOURCE_EXHAUSTED."""
+        """The frame for a successful call; an oversize payload becomes RESOURCE_EXHAUSTED.
+
+        Also the end of a client-streaming call (its one reply).
+        """
+        if self._streams:
+            self._drop(stream_id)
         body = Response(payload=payload).SerializeToString() if payload else b""
         if len(body) > self.max_message_length:
             return self.encode_error(
@@ -309,7 +500,9 @@ class ServerConnection:
         return _pack_header(len(body), stream_id, MESSAGE_TYPE_RESPONSE, 0) + body
 
     def encode_error(self, stream_id: int, status: Status) -> bytes:
-        """The frame for a failed call."""
+        """The frame for a failed call (unary or streaming)."""
+        if self._streams:
+            self._drop(stream_id)
         body = Response(status=status).SerializeToString()
         if len(body) > self.max_message_length:
             # Details can make a status too big to send; the code and message still go.
@@ -318,17 +511,48 @@ class ServerConnection:
             ).SerializeToString()
         return _pack_header(len(body), stream_id, MESSAGE_TYPE_RESPONSE, 0) + body
 
+    def encode_message(self, stream_id: int, payload: bytes) -> bytes:
+        """A Data frame carrying one message of a streaming call's output.
 
-class ClientConnection:
-    """Client side of one connection: allocates stream ids and matches responses.
+        Raises :class:`RpcError` (RESOURCE_EXHAUSTED) for a message over the limit.
+        """
+        if len(payload) > self.max_message_length:
+            raise RpcError(
+                Code.RESOURCE_EXHAUSTED, _too_large(len(payload), self.max_message_length)
+            )
+        return _pack_header(len(payload), stream_id, MESSAGE_TYPE_DATA, 0) + payload
 
-    A call the application gave up on is :meth:`abandon`-ed; its late
-    response, if any, is dropped.
+    def encode_end(self, stream_id: int) -> bytes:
+        """The successful end of a server-streaming or bidi call: an empty closing Data frame."""
+        if self._streams:
+            self._drop(stream_id)
+        return _pack_header(0, stream_id, MESSAGE_TYPE_DATA, FLAGS_CLOSE)
+
+    def forget_stream(self, stream_id: int) -> None:
+        """Drop a stream's state without sending anything (its answer went out otherwise)."""
+        self._drop(stream_id)
+
+    def remote_open(self, stream_id: int) -> bool:
+        """Whether the client may still send Data on this stream."""
+        stream = self._streams.get(stream_id)
+        return stream is not None and stream.remote_open
+
+
+class ClientConnection(_StreamTable):
+    """Client side of one connection: allocates stream ids, matches answers, tracks streams.
+
+    A call the application gave up on is :meth:`abandon`-ed (a stream:
+    :meth:`abandon_stream`); its late answers, if any, are dropped.
     """
 
     __slots__ = ("_next_stream_id", "_pending", "max_message_length", "reader")
 
-    def __init__(self, max_message_length: int = MAX_MESSAGE_LENGTH) -> None:
+    def __init__(
+        self,
+        max_message_length: int = MAX_MESSAGE_LENGTH,
+        stream_buffer_size: int = STREAM_BUFFER_SIZE,
+    ) -> None:
+        super().__init__(stream_buffer_size)
         self.reader = FrameReader(max_message_length)
         self.max_message_length = max_message_length
         self._next_stream_id = 1
@@ -336,8 +560,21 @@ class ClientConnection:
 
     @property
     def pending(self) -> int:
-        """Calls sent and not yet answered or abandoned."""
+        """Unary calls sent and not yet answered or abandoned."""
         return len(self._pending)
+
+    def _next_id(self) -> int:
+        stream_id = self._next_stream_id
+        if stream_id > 0xFFFFFFFF:
+            raise RpcError(
+                Code.RESOURCE_EXHAUSTED, "ttrpc: stream ids exhausted on this connection"
+            )
+        self._next_stream_id = stream_id + 2
+        return stream_id
+
+    def _check_size(self, length: int) -> None:
+        if length > self.max_message_length:
+            raise RpcError(Code.RESOURCE_EXHAUSTED, _too_large(length, self.max_message_length))
 
     def send_request(self, request: Request) -> tuple[int, bytes]:
         """Allocate a stream id and encode ``request``: ``(stream_id, frame)``.
@@ -351,26 +588,73 @@ class ClientConnection:
                 Code.RESOURCE_EXHAUSTED,
                 _too_large(len(body), self.max_message_length),
             )
-        stream_id = self._next_stream_id
-        if stream_id > 0xFFFFFFFF:
-            raise RpcError(
-                Code.RESOURCE_EXHAUSTED, "ttrpc: stream ids exhausted on this connection"
-            )
-        self._next_stream_id = stream_id + 2
+        stream_id = self._next_id()
         self._pending.add(stream_id)
         return stream_id, _pack_header(len(body), stream_id, MESSAGE_TYPE_REQUEST, 0) + body
 
+    def open_stream(self, request: Request, *, client_streaming: bool) -> tuple[int, bytes]:
+        """Start a streaming call: ``(stream_id, frame)``.
+
+        A client-streaming or bidi call is flagged :data:`FLAG_REMOTE_OPEN` (its
+        request carries no payload; messages follow with :meth:`send_message`),
+        a server-streaming one :data:`FLAG_REMOTE_CLOSED` (the request carries
+        the one message).
+        """
+        body = request.SerializeToString()
+        self._check_size(len(body))
+        stream_id = self._next_id()
+        flags = FLAG_REMOTE_OPEN if client_streaming else FLAG_REMOTE_CLOSED
+        self._streams[stream_id] = _Stream(local_open=client_streaming, remote_open=True)
+        return stream_id, _pack_header(len(body), stream_id, MESSAGE_TYPE_REQUEST, flags) + body
+
+    def send_message(self, stream_id: int, payload: bytes) -> bytes:
+        """The Data frame for one message on an open stream.
+
+        Raises :class:`RpcError`: FAILED_PRECONDITION when the stream cannot
+        send (closed for sending, or finished), RESOURCE_EXHAUSTED over the limit.
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.local_open:
+            raise RpcError(Code.FAILED_PRECONDITION, "ttrpc: send on a closed stream")
+        self._check_size(len(payload))
+        return _pack_header(len(payload), stream_id, MESSAGE_TYPE_DATA, 0) + payload
+
+    def close_send(self, stream_id: int) -> bytes:
+        """The frame closing our side of a stream (empty if it is closed or finished)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.local_open:
+            return b""
+        stream.local_open = False
+        return _pack_header(0, stream_id, MESSAGE_TYPE_DATA, FLAGS_CLOSE)
+
     def abandon(self, stream_id: int) -> None:
-        """Forget a call (timed out or cancelled); a late answer will be dropped."""
+        """Forget a unary call (timed out or cancelled); a late answer will be dropped."""
         self._pending.discard(stream_id)
+
+    def abandon_stream(self, stream_id: int) -> bytes:
+        """Forget a stream (cancelled, failed, timed out); its late frames will be dropped.
+
+        Returns the frame closing our side when it was still open, so that the
+        server's handler sees the end of its input (the protocol has no cancel).
+        """
+        stream = self._drop(stream_id)
+        if stream is None or not stream.local_open:
+            return b""
+        return _pack_header(0, stream_id, MESSAGE_TYPE_DATA, FLAGS_CLOSE)
 
     def receive_data(self, data: Buffer) -> list[ClientEvent]:
         events: list[ClientEvent] = []
         pending = self._pending
         for frame in self.reader.feed(data):
             stream_id = frame.stream_id
-            if frame.type != MESSAGE_TYPE_RESPONSE or stream_id not in pending:
-                continue  # unknown type, or a late answer to a call given up on
+            if stream_id not in pending:
+                if self._streams:
+                    stream = self._streams.get(stream_id)
+                    if stream is not None:
+                        self._stream_frame(stream_id, frame, events)
+                continue  # unknown, or a late answer to a call given up on
+            if frame.type != MESSAGE_TYPE_RESPONSE:
+                continue  # unknown type (Data is not allowed on a unary call)
             pending.discard(stream_id)
             if type(frame) is FrameTooLarge:
                 events.append(
@@ -393,3 +677,38 @@ class ClientConnection:
                 continue
             events.append(ResponseReceived(stream_id, response))
         return events
+
+    def _stream_frame(
+        self, stream_id: int, frame: Frame | FrameTooLarge, events: list[ClientEvent]
+    ) -> None:
+        mtype = frame.type
+        if mtype != MESSAGE_TYPE_DATA and mtype != MESSAGE_TYPE_RESPONSE:
+            return
+        if type(frame) is FrameTooLarge:
+            # The stream stays known until the driver abandons it (and closes our side).
+            error = RpcError(
+                Code.RESOURCE_EXHAUSTED, _too_large(frame.length, self.max_message_length)
+            )
+            events.append(CallFailed(stream_id, error))
+            return
+        assert type(frame) is Frame
+        if mtype == MESSAGE_TYPE_RESPONSE:
+            self._drop(stream_id)
+            try:
+                response = Response.FromString(frame.payload)
+            except DecodeError as exc:
+                events.append(
+                    CallFailed(stream_id, RpcError(Code.INTERNAL, f"undecodable response: {exc}"))
+                )
+                return
+            events.append(ResponseReceived(stream_id, response))
+            return
+        flags = frame.flags
+        if not flags & FLAG_NO_DATA:
+            payload = frame.payload
+            self._count(self._streams[stream_id], len(payload))
+            events.append(StreamMessage(stream_id, payload))
+        if flags & FLAG_REMOTE_CLOSED:
+            # The server closes last: its end is the end of the call.
+            self._drop(stream_id)
+            events.append(StreamEnded(stream_id))

@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 INTEROP = REPO / "tests" / "interop"
 INTEROP_PROTO = INTEROP / "interop.proto"
 INTEROP_SERVICE = "ttrpc.interop.v1.Interop"
+STREAMING_PROTO = INTEROP / "streaming.proto"
+STREAMING_SERVICE = "ttrpc.interop.v1.Streaming"
 
 
 @dataclass
@@ -84,6 +86,14 @@ def interop_set(short_tmp: Path) -> str:
     """interop.proto compiled once into a descriptor set file (what ``protoc -o`` writes)."""
     path = short_tmp / "interop.pb"
     path.write_bytes(compile_protos([str(INTEROP_PROTO)], [str(INTEROP)]).SerializeToString())
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def streaming_set(short_tmp: Path) -> str:
+    """streaming.proto compiled into a descriptor set file (served by the same servers)."""
+    path = short_tmp / "streaming.pb"
+    path.write_bytes(compile_protos([str(STREAMING_PROTO)], [str(INTEROP)]).SerializeToString())
     return str(path)
 
 

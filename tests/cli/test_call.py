@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import INTEROP, INTEROP_PROTO, INTEROP_SERVICE, REPO, Cli, run_process
+from .conftest import (
+    INTEROP,
+    INTEROP_PROTO,
+    INTEROP_SERVICE,
+    REPO,
+    STREAMING_SERVICE,
+    Cli,
+    run_process,
+)
 
 ECHO = f"{INTEROP_SERVICE}/Echo"
 
@@ -234,22 +242,83 @@ def test_method_spellings(cli: Cli, interop_server: str, interop_set: str) -> No
         assert res.code == 0, (spec, res.err)
 
 
-def test_streaming_methods_are_refused_clearly(cli: Cli, tmp_path: Path) -> None:
-    (tmp_path / "streams.proto").write_text(
-        'syntax = "proto3";\npackage s.v1;\nmessage M {}\n'
-        "service S {\n  rpc Down(M) returns (stream M);\n  rpc Up(stream M) returns (M);\n"
-        "  rpc Both(stream M) returns (stream M);\n}\n"
-    )
-    kinds = {"Down": "server-streaming", "Up": "client-streaming", "Both": "bidi-streaming"}
-    for method, kind in kinds.items():
-        res = cli(
-            "call", "--proto", str(tmp_path / "streams.proto"), "unix:///nonexistent",
-            f"s.v1.S/{method}",
-        )  # fmt: skip
-        assert res.code == 69
-        assert res.err_lines == [
-            f"ttrpc: s.v1.S/{method} is a {kind} method: streaming calls are not supported yet"
-        ]
+def test_server_streaming_prints_one_json_document_per_line(
+    cli: Cli, interop_server: str, streaming_set: str
+) -> None:
+    res = cli(
+        "call", "--descriptor-set", streaming_set, interop_server, f"{STREAMING_SERVICE}/Count",
+        "-d", '{"count": 3, "size": 2}',
+    )  # fmt: skip
+    assert res.code == 0, res.err
+    assert res.out.splitlines() == [
+        '{"seq":"0","data":"AAE="}',
+        '{"seq":"1","data":"AAE="}',
+        '{"seq":"2","data":"AAE="}',
+    ]
+
+
+def test_server_streaming_error_after_messages(
+    cli: Cli, interop_server: str, streaming_set: str
+) -> None:
+    res = cli(
+        "call", "--descriptor-set", streaming_set, interop_server, f"{STREAMING_SERVICE}/Count",
+        "-d", '{"count": 1, "failCode": 10}',
+    )  # fmt: skip
+    assert res.code == 10
+    assert res.out == '{"seq":"0","data":""}\n'
+    assert res.err_lines == ["ttrpc: ABORTED: failed after 1"]
+
+
+def test_client_streaming_reads_json_lines_from_stdin(
+    cli: Cli, interop_server: str, streaming_set: str
+) -> None:
+    lines = '{"data": "AAE="}\n\n{"seq": 5}\n{"data": "AAEC"}\n'
+    res = cli(
+        "call", "--descriptor-set", streaming_set, interop_server, f"{STREAMING_SERVICE}/Sum",
+        "--compact", stdin=lines,
+    )  # fmt: skip
+    assert res.code == 0, res.err
+    assert res.out == '{"count":"3","bytes":"5"}\n'
+    # The same requests from -d (text or @file); none at all is an empty stream.
+    res = cli(
+        "call", "--descriptor-set", streaming_set, interop_server, f"{STREAMING_SERVICE}/Sum",
+        "--compact", "-d", lines,
+    )  # fmt: skip
+    assert res.out == '{"count":"3","bytes":"5"}\n'
+    res = cli(
+        "call", "--descriptor-set", streaming_set, interop_server, f"{STREAMING_SERVICE}/Sum",
+        "--compact",
+    )  # fmt: skip
+    assert res.out == '{"count":"0","bytes":"0"}\n'
+
+
+def test_bidi_echoes_json_lines(cli: Cli, interop_server: str, streaming_set: str) -> None:
+    res = cli(
+        "call", "--descriptor-set", streaming_set, interop_server, f"{STREAMING_SERVICE}/Echo",
+        stdin='{"seq": 1}\n{"seq": 2, "data": "AA=="}\n',
+    )  # fmt: skip
+    assert res.code == 0, res.err
+    assert res.out.splitlines() == ['{"seq":"1","data":""}', '{"seq":"2","data":"AA=="}']
+
+
+@pytest.mark.parametrize("method", ["Sum", "Echo"])
+def test_bad_request_line_in_a_stream(
+    cli: Cli, interop_server: str, streaming_set: str, method: str
+) -> None:
+    res = cli(
+        "call", "--descriptor-set", streaming_set, interop_server, f"{STREAMING_SERVICE}/{method}",
+        stdin='{"seq": 1}\n{"seq": "x"}\n',
+    )  # fmt: skip
+    assert res.code == 65
+    assert "request on line 2" in res.err
+
+
+def test_streaming_call_as_a_process(interop_server: str, streaming_set: str) -> None:
+    res = run_process(
+        "call", "--descriptor-set", streaming_set, interop_server, f"{STREAMING_SERVICE}/Echo",
+        stdin='{"seq": 7}\n',
+    )  # fmt: skip
+    assert (res.code, res.out, res.err) == (0, '{"seq":"7","data":""}\n', "")
 
 
 def test_proto_that_does_not_compile(cli: Cli, tmp_path: Path) -> None:

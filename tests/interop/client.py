@@ -1,10 +1,14 @@
 """Conformance client: checks ttrpc's clients (blocking and asyncio) against an Interop server.
 
-    python tests/interop/client.py ADDRESS
+    python tests/interop/client.py ADDRESS [--run TEXT] [--streams]
 
 One ``PASS name`` or ``FAIL name: why`` line per check, then ``N passed, M failed``;
 exits 0 only if every check passed. Meant to run against the Go reference
 server (``go-server``), but any correct Interop server must pass.
+
+``--streams`` adds the Streaming checks (streaming.proto): every kind with both
+clients, and raw frames built byte by byte from the ttrpc 1.2 rules (golden
+bytes). Go ttrpc 1.1.1 has no streams, so they run against our own servers.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import interop_pb2 as pb
+import streaming_pb2 as spb
 from interop_ttrpc import InteropBlockingClient, InteropClient
+from streaming_ttrpc import StreamingBlockingClient, StreamingClient
 
 import ttrpc.aio
 import ttrpc.blocking
@@ -419,6 +426,211 @@ def raw_checks(address: str) -> dict[str, Callable[[], None]]:
     }
 
 
+# -- streams (ttrpc 1.2; our servers only) ----------------------------------------------
+
+STREAMING = "ttrpc.interop.v1.Streaming"
+
+
+def items(n: int, size: int = 16) -> list[spb.Item]:
+    return [spb.Item(seq=i, data=pattern(size)) for i in range(n)]
+
+
+def stream_checks(address: str) -> dict[str, Callable[[], None]]:
+    def blocking_kinds() -> None:
+        with ttrpc.blocking.connect(address, timeout=5) as conn:
+            c = StreamingBlockingClient(conn)
+            got = list(c.Count(spb.CountRequest(count=1000, size=16)))
+            expect([i.seq for i in got] == list(range(1000)), "Count items out of order")
+            expect(all(i.data == pattern(16) for i in got), "Count data corrupted")
+            r = c.Sum(iter(items(500)))
+            expect((r.count, r.bytes) == (500, 500 * 16), f"Sum {r}")
+            echoed = [i.seq for i in c.Echo(items(300))]
+            expect(echoed == list(range(300)), "Echo out of order")
+            stream = c.Echo()
+            for seq in range(5):
+                stream.send(spb.Item(seq=seq))
+                back = stream.recv()
+                expect(back is not None and back.seq == seq, f"interactive echo {back}")
+            stream.close_send()
+            expect(stream.recv() is None, "Echo did not end after close")
+
+    def blocking_empty_and_errors() -> None:
+        with ttrpc.blocking.connect(address, timeout=5) as conn:
+            c = StreamingBlockingClient(conn)
+            got = list(c.Count(spb.CountRequest(count=3, size=0)))
+            expect(got == [spb.Item(seq=0), spb.Item(seq=1), spb.Item(seq=2)], f"{got}")
+            expect(list(c.Count(spb.CountRequest(count=0))) == [], "Count 0")
+            expect(c.Sum([spb.Item()] * 4).count == 4, "empty items not all delivered")
+            stream = c.Count(spb.CountRequest(count=2, fail_code=Code.DATA_LOSS))
+            seqs = []
+            try:
+                for i in stream:
+                    seqs.append(i.seq)
+                raise CheckFailed("no error")
+            except RpcError as exc:
+                expect(exc.code == Code.DATA_LOSS and exc.message == "failed after 2", repr(exc))
+            expect(seqs == [0, 1], f"items before the error: {seqs}")
+
+    def blocking_concurrent() -> None:
+        with ttrpc.blocking.connect(address, timeout=5) as conn, ThreadPoolExecutor(16) as pool:
+            c = StreamingBlockingClient(conn)
+
+            def one(n: int) -> int:
+                return sum(1 for _ in c.Count(spb.CountRequest(count=n, size=8)))
+
+            def echo(n: int) -> list[int]:
+                return [i.seq for i in c.Echo(items(n, 4))]
+
+            counts = [pool.submit(one, 50 + i) for i in range(16)]
+            echoes = [pool.submit(echo, 20 + i) for i in range(16)]
+            expect([f.result(30) for f in counts] == [50 + i for i in range(16)], "counts")
+            expect(
+                [f.result(30) for f in echoes] == [list(range(20 + i)) for i in range(16)], "echo"
+            )
+            expect(InteropBlockingClient(conn).Echo(pb.EchoRequest(text="u")).text == "u", "unary")
+
+    def aio_kinds() -> None:
+        async def main() -> None:
+            async with await ttrpc.aio.connect(address, timeout=5) as conn:
+                c = StreamingClient(conn)
+                got = [i.seq async for i in c.Count(spb.CountRequest(count=1000, size=16))]
+                expect(got == list(range(1000)), "Count items out of order")
+
+                async def agen() -> Any:
+                    for it in items(500):
+                        yield it
+
+                r = await c.Sum(agen())
+                expect((r.count, r.bytes) == (500, 500 * 16), f"Sum {r}")
+                echoed = [i.seq async for i in c.Echo(items(300))]
+                expect(echoed == list(range(300)), "Echo out of order")
+                streams = [c.Count(spb.CountRequest(count=100 + n, size=4)) for n in range(20)]
+                totals = await asyncio.gather(*(_acount(s) for s in streams))
+                expect(totals == [100 + n for n in range(20)], f"concurrent counts {totals}")
+                stream = c.Count(spb.CountRequest(count=2, fail_code=Code.ABORTED))
+                try:
+                    async for _ in stream:
+                        pass
+                    raise CheckFailed("no error")
+                except RpcError as exc:
+                    expect(exc.code == Code.ABORTED, repr(exc))
+                early = c.Count(spb.CountRequest(count=100_000, size=16))
+                first = await early.recv()
+                expect(first is not None and first.seq == 0, "first item")
+                early.cancel()
+                unary = InteropClient(conn)
+                expect((await unary.Echo(pb.EchoRequest(text="x"))).text == "x", "unary after")
+
+        asyncio.run(asyncio.wait_for(main(), CHECK_TIMEOUT))
+
+    return {
+        "stream/blocking-every-kind": blocking_kinds,
+        "stream/blocking-empty-messages-and-errors": blocking_empty_and_errors,
+        "stream/blocking-concurrent-streams": blocking_concurrent,
+        "stream/aio-every-kind-concurrent-early-close": aio_kinds,
+        **raw_stream_checks(address),
+    }
+
+
+async def _acount(stream: Any) -> int:
+    return len([i async for i in stream])
+
+
+def raw_stream_checks(address: str) -> dict[str, Callable[[], None]]:
+    """Hand-built frames, byte by byte from the ttrpc 1.2 rules, and the exact frames back."""
+
+    def header(length: int, stream_id: int, mtype: int, flags: int) -> bytes:
+        return length.to_bytes(4, "big") + stream_id.to_bytes(4, "big") + bytes([mtype, flags])
+
+    def request(method: str, payload: bytes | None) -> bytes:
+        r = Request(service=STREAMING, method=method)
+        if payload is not None:
+            r.payload = payload
+        return r.SerializeToString()
+
+    def exchange(data: bytes, until: Callable[[list[Frame]], bool]) -> list[Frame]:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(5)
+        sock.connect(ttrpc.address.parse_unix_address(address))
+        try:
+            sock.sendall(data)
+            reader = FrameReader()
+            frames: list[Frame] = []
+            while not until(frames):
+                chunk = sock.recv(65536)
+                expect(bool(chunk), f"connection closed after {len(frames)} frames")
+                for frame in reader.feed(chunk):
+                    assert isinstance(frame, Frame)
+                    frames.append(frame)
+            return frames
+        finally:
+            sock.close()
+
+    def last_is_end(frames: list[Frame]) -> bool:
+        return bool(frames) and frames[-1].type in (2, 3) and frames[-1].flags & 0x01 != 0
+
+    item0 = spb.Item(seq=0).SerializeToString()  # empty: seq 0, no data
+    item7 = spb.Item(seq=7, data=b"ab").SerializeToString()
+
+    def server_streaming() -> None:
+        body = request("Count", spb.CountRequest(count=2).SerializeToString())
+        frames = exchange(header(len(body), 1, 1, 0x01) + body, last_is_end)
+        # Two Data frames: item 0 (an empty message: length 0, flags 0), item 1; then the end.
+        want = [
+            (1, 3, 0x00, item0),
+            (1, 3, 0x00, spb.Item(seq=1).SerializeToString()),
+            (1, 3, 0x05, b""),
+        ]
+        got = [(f.stream_id, f.type, f.flags, f.payload) for f in frames]
+        expect(got == want, f"frames {got}")
+
+    def client_streaming() -> None:
+        body = request("Sum", None)
+        data = (
+            header(len(body), 1, 1, 0x02) + body
+            + header(len(item7), 1, 3, 0) + item7
+            + header(0, 1, 3, 0)  # an empty message
+            + header(0, 1, 3, 0x05)  # the client's close: its own empty frame
+        )  # fmt: skip
+        frames = exchange(data, lambda fs: bool(fs))
+        expect([(f.stream_id, f.type, f.flags) for f in frames] == [(1, 2, 0)], f"{frames}")
+        r = Response.FromString(frames[0].payload)
+        expect(r.status.code == 0, f"status {r.status}")
+        expect(spb.SumResponse.FromString(r.payload) == spb.SumResponse(count=2, bytes=2), f"{r}")
+
+    def bidi() -> None:
+        body = request("Echo", None)
+        data = (
+            header(len(body), 3, 1, 0x02) + body
+            + header(len(item7), 3, 3, 0) + item7
+            + header(0, 3, 3, 0x05)
+        )  # fmt: skip
+        frames = exchange(data, last_is_end)
+        got = [(f.stream_id, f.type, f.flags, f.payload) for f in frames]
+        expect(got == [(3, 3, 0, item7), (3, 3, 0x05, b"")], f"frames {got}")
+
+    def server_streaming_error() -> None:
+        body = request("Count", spb.CountRequest(count=1, fail_code=10).SerializeToString())
+        frames = exchange(header(len(body), 1, 1, 0x01) + body, lambda fs: len(fs) == 2)
+        expect([(f.type, f.flags) for f in frames] == [(3, 0), (2, 0)], f"{frames}")
+        status = Response.FromString(frames[1].payload).status
+        expect((status.code, status.message) == (10, "failed after 1"), f"{status}")
+
+    def unknown_stream() -> None:
+        frames = exchange(header(len(item7), 9, 3, 0) + item7, lambda fs: bool(fs))
+        expect([(f.stream_id, f.type) for f in frames] == [(9, 2)], f"{frames}")
+        status = Response.FromString(frames[0].payload).status
+        expect(status.code == Code.INVALID_ARGUMENT, f"{status}")
+
+    return {
+        "stream-raw/server-streaming": server_streaming,
+        "stream-raw/client-streaming": client_streaming,
+        "stream-raw/bidi": bidi,
+        "stream-raw/server-streaming-error": server_streaming_error,
+        "stream-raw/data-for-unknown-stream": unknown_stream,
+    }
+
+
 def run_check(fn: Callable[[], None]) -> str | None:
     """None on success, else why it failed; every check is bounded by CHECK_TIMEOUT."""
     outcome: list[str | None] = []
@@ -442,12 +654,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("address")
     parser.add_argument("-run", "--run", default="", help="only checks whose name contains this")
+    parser.add_argument("--streams", action="store_true", help="add the Streaming checks")
     args = parser.parse_args()
     checks = {
         **blocking_checks(args.address),
         **aio_checks(args.address),
         **raw_checks(args.address),
     }
+    if args.streams:
+        checks.update(stream_checks(args.address))
     passed = failed = 0
     for name, fn in checks.items():
         if args.run and args.run not in name:

@@ -1,9 +1,10 @@
-"""Serve the Interop service with ttrpc's asyncio server, for conformance peers.
+"""Serve the Interop and Streaming services with ttrpc's servers, for conformance peers.
 
     python tests/interop/server.py ADDRESS [--require-same-user] [--blocking]
 
 Serves with ``ttrpc.aio.Server``, or ``ttrpc.blocking.Server`` with
 ``--blocking``. Prints ``READY`` once listening; exits 0 on SIGTERM or SIGINT.
+Streaming (streaming.proto) is ours only: Go ttrpc 1.1.1 has no streams.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import interop_pb2 as pb
+import streaming_pb2 as spb
 from google.protobuf.any_pb2 import Any
 from interop_ttrpc import InteropBlockingService, InteropService
+from streaming_ttrpc import StreamingBlockingService, StreamingService
 
 import ttrpc
 import ttrpc.aio
@@ -121,6 +125,67 @@ class BlockingInterop(InteropBlockingService):
         return pb.BigResponse(data=pattern(request.length))
 
 
+def item(seq: int, size: int) -> spb.Item:
+    return spb.Item(seq=seq, data=pattern(size))
+
+
+def count_failure(request: spb.CountRequest) -> ttrpc.RpcError:
+    return ttrpc.RpcError(request.fail_code, f"failed after {request.count}")
+
+
+class Streaming(StreamingService):
+    """streaming.proto's semantics, for the asyncio server."""
+
+    async def Count(
+        self, request: spb.CountRequest, ctx: ttrpc.Context | None = None
+    ) -> AsyncIterator[spb.Item]:
+        for seq in range(request.count):
+            yield item(seq, request.size)
+        if request.fail_code:
+            raise count_failure(request)
+
+    async def Sum(
+        self, requests: AsyncIterator[spb.Item], ctx: ttrpc.Context | None = None
+    ) -> spb.SumResponse:
+        count = size = 0
+        async for received in requests:
+            count += 1
+            size += len(received.data)
+        return spb.SumResponse(count=count, bytes=size)
+
+    async def Echo(
+        self, requests: AsyncIterator[spb.Item], ctx: ttrpc.Context | None = None
+    ) -> AsyncIterator[spb.Item]:
+        async for received in requests:
+            yield received
+
+
+class BlockingStreaming(StreamingBlockingService):
+    """The same, for the blocking server."""
+
+    def Count(
+        self, request: spb.CountRequest, ctx: ttrpc.Context | None = None
+    ) -> Iterator[spb.Item]:
+        for seq in range(request.count):
+            yield item(seq, request.size)
+        if request.fail_code:
+            raise count_failure(request)
+
+    def Sum(
+        self, requests: Iterator[spb.Item], ctx: ttrpc.Context | None = None
+    ) -> spb.SumResponse:
+        count = size = 0
+        for received in requests:
+            count += 1
+            size += len(received.data)
+        return spb.SumResponse(count=count, bytes=size)
+
+    def Echo(
+        self, requests: Iterator[spb.Item], ctx: ttrpc.Context | None = None
+    ) -> Iterator[spb.Item]:
+        yield from requests
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("address")
@@ -133,6 +198,7 @@ async def main() -> int:
         return 0
     server = ttrpc.aio.Server(handshake=handshake)
     server.register(Interop())
+    server.register(Streaming())
     await server.start(args.address)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -147,6 +213,7 @@ async def main() -> int:
 def serve_blocking(address: str, handshake: ttrpc.handshake.Handshake | None) -> None:
     server = ttrpc.blocking.Server(handshake=handshake)
     server.register(BlockingInterop())
+    server.register(BlockingStreaming())
     server.start(address)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -17,6 +17,7 @@ from ttrpc.ttrpc_pb2 import KeyValue
 
 T = TypeVar("T")
 SERVICE = "test.v1.Test"
+STREAMS = "test.v1.Streams"
 
 
 class LoopThread:
@@ -110,6 +111,109 @@ def _service(*handlers: Callable[..., Any]) -> Service:
     return Service(SERVICE, methods)
 
 
+# -- the streaming test service ------------------------------------------------
+#
+# Down (server-streaming): req.key = count, req.value = mode ("", "empty", "fail", "md",
+#   "slow", "hold"); Up (client-streaming): joins the keys, fails on a key "fail";
+# Both (bidi): echoes keys upper-cased, ends early on "stop", fails on "fail";
+# Hold (bidi): reads nothing until the call ends (a stalled consumer).
+
+
+def _down_item(i: int, mode: str, ctx: Context) -> KeyValue:
+    if mode == "empty":
+        return KeyValue()
+    if mode == "md":
+        remaining = ctx.time_remaining()
+        return KeyValue(
+            key=ctx.method,
+            value=repr((ctx.metadata.pairs(), None if remaining is None else round(remaining, 1))),
+        )
+    return KeyValue(key=str(i))
+
+
+def _up_reply(keys: list[str]) -> KeyValue:
+    if "fail" in keys:
+        raise RpcError(Code.FAILED_PRECONDITION, f"failed after {keys.index('fail')}")
+    return KeyValue(key=",".join(keys), value=str(len(keys)))
+
+
+def _both_item(req: KeyValue) -> KeyValue | None:
+    if req.key == "fail":
+        raise RpcError(Code.ABORTED, "asked to fail")
+    if req.key == "stop":
+        return None
+    return KeyValue(key=req.key.upper(), value=req.value)
+
+
+def async_stream_service() -> Service:
+    async def down(req: KeyValue, ctx: Context) -> Any:
+        for i in range(int(req.key or 0)):
+            if req.value == "slow":
+                await asyncio.sleep(0.05)
+            yield _down_item(i, req.value, ctx)
+        if req.value == "fail":
+            raise RpcError(Code.ABORTED, "failed mid-stream")
+        if req.value == "hold":
+            await asyncio.sleep(30)
+
+    async def up(reqs: Any, ctx: Context) -> KeyValue:
+        return _up_reply([r.key async for r in reqs])
+
+    async def both(reqs: Any, ctx: Context) -> Any:
+        async for r in reqs:
+            item = _both_item(r)
+            if item is None:
+                return
+            yield item
+
+    async def hold(reqs: Any, ctx: Context) -> Any:
+        await asyncio.sleep(30)
+        yield KeyValue()
+
+    return _stream_service(down, up, both, hold)
+
+
+def blocking_stream_service() -> Service:
+    def down(req: KeyValue, ctx: Context) -> Any:
+        for i in range(int(req.key or 0)):
+            if req.value == "slow":
+                time.sleep(0.05)
+            yield _down_item(i, req.value, ctx)
+        if req.value == "fail":
+            raise RpcError(Code.ABORTED, "failed mid-stream")
+        if req.value == "hold":
+            end = time.monotonic() + 30
+            while not ctx.cancelled and time.monotonic() < end:
+                time.sleep(0.01)
+
+    def up(reqs: Any, ctx: Context) -> KeyValue:
+        return _up_reply([r.key for r in reqs])
+
+    def both(reqs: Any, ctx: Context) -> Any:
+        for r in reqs:
+            item = _both_item(r)
+            if item is None:
+                return
+            yield item
+
+    def hold(reqs: Any, ctx: Context) -> Any:
+        end = time.monotonic() + 30
+        while not ctx.cancelled and time.monotonic() < end:
+            time.sleep(0.01)
+        yield KeyValue()
+
+    return _stream_service(down, up, both, hold)
+
+
+def _stream_service(*handlers: Callable[..., Any]) -> Service:
+    kinds = {"Down": (False, True), "Up": (True, False), "Both": (True, True), "Hold": (True, True)}
+    methods = {
+        name: Method(name, KeyValue, KeyValue, h, client_streaming=c, server_streaming=s)
+        for (name, (c, s)), h in zip(kinds.items(), handlers, strict=True)
+    }
+    return Service(STREAMS, methods)
+
+
 # -- servers ----------------------------------------------------------------
 
 
@@ -139,6 +243,7 @@ def running_server(kind: str, listener: Any, **options: Any) -> Iterator[Running
         async def start() -> ttrpc.aio.Server:
             server = ttrpc.aio.Server(**options)
             server.register(async_service())
+            server.register(async_stream_service())
             await server.start(listener)
             return server
 
@@ -151,6 +256,7 @@ def running_server(kind: str, listener: Any, **options: Any) -> Iterator[Running
     else:
         server = ttrpc.blocking.Server(**options)
         server.register(blocking_service())
+        server.register(blocking_stream_service())
         server.start(listener)
         running = RunningServer(kind, None, server)
         try:

@@ -146,7 +146,12 @@ def test_module_layout(demo_source: str) -> None:
         assert line in lines
     # The drivers only for type checking, so that importing costs neither of them.
     start = lines.index("if TYPE_CHECKING:")
-    assert lines[start + 1 : start + 3] == ["    import ttrpc.aio", "    import ttrpc.blocking"]
+    assert lines[start + 1 : start + 5] == [
+        "    from collections.abc import AsyncIterator, Iterable, Iterator",
+        "",
+        "    import ttrpc.aio",
+        "    import ttrpc.blocking",
+    ]
     assert not any(
         line.startswith(("import asyncio", "import ttrpc.", "from ttrpc.")) for line in lines
     )
@@ -156,10 +161,29 @@ def test_module_layout(demo_source: str) -> None:
         for service in ("Greeter", "Admin")
         for kind in ("Service", "BlockingService", "Client", "BlockingClient")
     ]
-    for method in ("Watch", "Upload", "Chat"):
-        skipped = f"    # Stream method {method} is not generated yet (streaming support pending)"
-        assert lines.count(skipped) == 4
-        assert f"def {method}(" not in demo_source
+    # Streaming methods, typed by kind, in each of the four classes.
+    assert "\n".join(lines).count("def Watch(") == 4
+    for signature in [
+        "    ) -> AsyncIterator[services_pb2.HelloResponse]:",
+        "    ) -> Iterator[services_pb2.HelloResponse]:",
+        "    ) -> ttrpc.aio.ClientStream[services_pb2.HelloResponse]:",
+        "    ) -> ttrpc.blocking.ClientStream[services_pb2.HelloResponse]:",
+        "    async def Upload(",
+        "        self, requests: ttrpc.aio.Requests[services_pb2.HelloRequest], "
+        "ctx: Context | None = None",
+        "        requests: Iterable[services_pb2.HelloRequest] | None = None,",
+        "                    server_streaming=True,",
+        "                    client_streaming=True,",
+    ]:
+        assert signature in lines, signature
+
+
+def test_unary_only_modules_need_no_stream_types() -> None:
+    source = (INTEROP_DIR / "interop_ttrpc.py").read_text()
+    assert "collections.abc" not in source
+    lines = source.splitlines()
+    start = lines.index("if TYPE_CHECKING:")
+    assert lines[start + 1 : start + 3] == ["    import ttrpc.aio", "    import ttrpc.blocking"]
 
 
 def test_comments_become_docstrings(demo: SimpleNamespace) -> None:
@@ -287,12 +311,34 @@ def greeter_impls(demo: SimpleNamespace) -> tuple[type[Any], type[Any]]:
         async def class_(self, request: Any, ctx: Context | None = None) -> Any:
             return klass(request)
 
+        async def Watch(self, request: Any, ctx: Context | None = None) -> Any:
+            for i in range(3):
+                yield pb.HelloResponse(greeting=f"{request.name} {i}")
+
+        async def Upload(self, requests: Any, ctx: Context | None = None) -> Any:
+            return pb.HelloResponse(greeting=",".join([r.name async for r in requests]))
+
+        async def Chat(self, requests: Any, ctx: Context | None = None) -> Any:
+            async for r in requests:
+                yield pb.HelloResponse(greeting=r.name.upper())
+
     class BlockingGreeter(demo.svc.GreeterBlockingService):
         def Hello(self, request: Any, ctx: Context | None = None) -> Any:
             return hello(request, ctx)
 
         def class_(self, request: Any, ctx: Context | None = None) -> Any:
             return klass(request)
+
+        def Watch(self, request: Any, ctx: Context | None = None) -> Any:
+            for i in range(3):
+                yield pb.HelloResponse(greeting=f"{request.name} {i}")
+
+        def Upload(self, requests: Any, ctx: Context | None = None) -> Any:
+            return pb.HelloResponse(greeting=",".join(r.name for r in requests))
+
+        def Chat(self, requests: Any, ctx: Context | None = None) -> Any:
+            for r in requests:
+                yield pb.HelloResponse(greeting=r.name.upper())
 
     return AsyncGreeter, BlockingGreeter
 
@@ -342,6 +388,61 @@ def test_blocking_round_trip(demo: SimpleNamespace, address: str) -> None:
             assert failed.value.message == "method Reset not implemented"
 
 
+def test_streaming_round_trips(demo: SimpleNamespace, address: str) -> None:
+    async_greeter, blocking_greeter = greeter_impls(demo)
+    names = [demo.pb.HelloRequest(name=n) for n in ("a", "b", "c")]
+
+    async def on_asyncio() -> None:
+        server = ttrpc.aio.Server()
+        server.register(async_greeter())
+        await server.start(address)
+        try:
+            async with await ttrpc.aio.connect(address, timeout=10) as client:
+                greeter = demo.svc.GreeterClient(client)
+                watched = [r.greeting async for r in greeter.Watch(names[0])]
+                assert watched == ["a 0", "a 1", "a 2"]
+                assert (await greeter.Upload(names)).greeting == "a,b,c"
+                chat = [r.greeting async for r in greeter.Chat(iter(names))]
+                assert chat == ["A", "B", "C"]
+                stream = greeter.Chat()  # interactive: send, read the answer, ...
+                await stream.send(names[1])
+                assert (await stream.recv()).greeting == "B"
+                await stream.close_send()
+                assert await stream.recv() is None
+                assert (await greeter.Upload([])).greeting == ""  # no messages at all
+        finally:
+            await server.close()
+
+    def on_threads() -> None:
+        with ttrpc.blocking.Server() as server:
+            server.register(blocking_greeter())
+            server.start(address)
+            with ttrpc.blocking.connect(address, timeout=10) as client:
+                greeter = demo.svc.GreeterBlockingClient(client)
+                assert [r.greeting for r in greeter.Watch(names[2])] == ["c 0", "c 1", "c 2"]
+                assert greeter.Upload(iter(names)).greeting == "a,b,c"
+                assert [r.greeting for r in greeter.Chat(names)] == ["A", "B", "C"]
+
+    asyncio.run(on_asyncio())
+    on_threads()
+
+
+def test_unimplemented_streaming_methods(demo: SimpleNamespace, address: str) -> None:
+    with ttrpc.blocking.Server() as server:
+        server.register(demo.svc.GreeterBlockingService())
+        server.start(address)
+        with ttrpc.blocking.connect(address, timeout=10) as client:
+            greeter = demo.svc.GreeterBlockingClient(client)
+            for call in (
+                lambda: list(greeter.Watch(demo.pb.HelloRequest())),
+                lambda: greeter.Upload([demo.pb.HelloRequest()]),
+                lambda: list(greeter.Chat([demo.pb.HelloRequest()])),
+            ):
+                with pytest.raises(RpcError) as failed:
+                    call()
+                assert failed.value.code == Code.UNIMPLEMENTED
+
+
 def test_server_kinds_are_checked(demo: SimpleNamespace) -> None:
     with pytest.raises(TypeError, match="coroutine functions"):
         ttrpc.aio.Server().register(demo.svc.GreeterBlockingService())
@@ -378,7 +479,11 @@ def test_keyword_method_keeps_its_wire_name(demo: SimpleNamespace) -> None:
     greeter = demo.svc.GreeterService()
     table = greeter.__ttrpc_service__()
     assert table.name == "codegen_demo.v1.Greeter"
-    assert list(table.methods) == ["Hello", "Ping", "class"]
+    assert list(table.methods) == ["Hello", "Ping", "class", "Watch", "Upload", "Chat"]
+    kinds = {n: (m.client_streaming, m.server_streaming) for n, m in table.methods.items()}
+    assert kinds["Watch"] == (False, True)
+    assert kinds["Upload"] == (True, False)
+    assert kinds["Chat"] == (True, True)
     method = table.methods["class"]
     assert method.handler == greeter.class_
     assert (method.request_type, method.response_type) == (demo.types.Token, demo.types.Outer.Inner)
@@ -483,6 +588,8 @@ def test_mypy_strict_accepts_generated_code(tmp_path: Path) -> None:
         """
         from __future__ import annotations
 
+        from collections.abc import AsyncIterator, Iterator
+
         import ttrpc.aio
         import ttrpc.blocking
         from codegen_demo import types_pb2
@@ -498,6 +605,49 @@ def test_mypy_strict_accepts_generated_code(tmp_path: Path) -> None:
                 self, request: services_pb2.HelloRequest, ctx: Context | None = None
             ) -> services_pb2.HelloResponse:
                 return services_pb2.HelloResponse(greeting="hello " + request.name)
+
+            async def Watch(
+                self, request: services_pb2.HelloRequest, ctx: Context | None = None
+            ) -> AsyncIterator[services_pb2.HelloResponse]:
+                yield services_pb2.HelloResponse(greeting=request.name)
+
+            async def Upload(
+                self,
+                requests: AsyncIterator[services_pb2.HelloRequest],
+                ctx: Context | None = None,
+            ) -> services_pb2.HelloResponse:
+                return services_pb2.HelloResponse(greeting=str(len([r async for r in requests])))
+
+            async def Chat(
+                self,
+                requests: AsyncIterator[services_pb2.HelloRequest],
+                ctx: Context | None = None,
+            ) -> AsyncIterator[services_pb2.HelloResponse]:
+                async for r in requests:
+                    yield services_pb2.HelloResponse(greeting=r.name)
+
+
+        class BlockingGreeter(services_ttrpc.GreeterBlockingService):
+            def Watch(
+                self, request: services_pb2.HelloRequest, ctx: Context | None = None
+            ) -> Iterator[services_pb2.HelloResponse]:
+                yield services_pb2.HelloResponse(greeting=request.name)
+
+
+        async def use_streams(client: ttrpc.aio.Client) -> list[str]:
+            greeter = services_ttrpc.GreeterClient(client)
+            out = [r.greeting async for r in greeter.Watch(services_pb2.HelloRequest())]
+            reply = await greeter.Upload([services_pb2.HelloRequest(name="x")])
+            chat = greeter.Chat()
+            await chat.send(services_pb2.HelloRequest(name="y"))
+            got = await chat.recv()
+            await greeter.Upload([types_pb2.Token()])  # type: ignore[list-item]
+            return [*out, reply.greeting, got.greeting if got else ""]
+
+
+        def use_blocking_streams(client: ttrpc.blocking.Client) -> list[str]:
+            greeter = services_ttrpc.GreeterBlockingClient(client)
+            return [r.greeting for r in greeter.Chat([services_pb2.HelloRequest(name="z")])]
 
 
         async def use_async(client: ttrpc.aio.Client) -> int:

@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 from ttrpc.protocol import (
     HEADER_LENGTH,
     MAX_MESSAGE_LENGTH,
+    MESSAGE_TYPE_DATA,
     MESSAGE_TYPE_REQUEST,
     MESSAGE_TYPE_RESPONSE,
+    STREAM_MESSAGE_OVERHEAD,
     CallFailed,
     ClientConnection,
     Frame,
@@ -21,6 +23,9 @@ from ttrpc.protocol import (
     RequestReceived,
     ResponseReceived,
     ServerConnection,
+    StreamEnded,
+    StreamMessage,
+    StreamReset,
     encode_frame,
 )
 from ttrpc.status import Code, RpcError
@@ -100,8 +105,39 @@ def test_reader_never_raises_and_stays_bounded(data: bytes, cuts: list[int]) -> 
 def test_server_connection_never_raises_on_garbage(data: bytes) -> None:
     conn = ServerConnection(max_message_length=128)
     for event in conn.receive_data(data):
-        assert isinstance(event, RequestReceived)
+        assert isinstance(event, (RequestReceived, StreamMessage, StreamEnded, StreamReset))
     conn.data_to_send()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 9),
+            st.sampled_from([1, 2, 3, 7]),
+            st.integers(0, 7),
+            st.binary(max_size=20),
+        ),
+        max_size=30,
+    )
+)
+def test_both_sides_never_raise_on_any_frame_sequence(
+    frames: list[tuple[int, int, int, bytes]],
+) -> None:
+    server = ServerConnection(max_message_length=16, stream_buffer_size=100)
+    client = ClientConnection(max_message_length=16, stream_buffer_size=100)
+    client.open_stream(Request(service="s", method="m"), client_streaming=True)
+    client.open_stream(Request(service="s", method="m"), client_streaming=False)
+    client.send_request(Request())
+    data = b"".join(encode_frame(sid, t, p, f) for sid, t, f, p in frames)
+    for event in server.receive_data(data):
+        if isinstance(event, StreamMessage):
+            server.message_consumed(event.stream_id, len(event.payload))
+    server.data_to_send()
+    for event in client.receive_data(data):
+        if isinstance(event, StreamMessage):
+            client.message_consumed(event.stream_id, len(event.payload))
+    assert not server.backlogged and not client.backlogged
 
 
 def test_server_accepts_odd_increasing_ids() -> None:
@@ -200,3 +236,197 @@ def test_client_reports_undecodable_response_as_internal() -> None:
     events = conn.receive_data(encode_frame(sid, MESSAGE_TYPE_RESPONSE, b"\xff\xff\xff"))
     assert isinstance(events[0], CallFailed)
     assert events[0].error.code == Code.INTERNAL
+
+
+# -- streams: golden bytes written from the ttrpc 1.2 rules -------------------------------
+#
+# Request(service="s", method="m") is 0a 01 73 12 01 6d; KeyValue(key="a") is 0a 01 61.
+# Header: length (4), stream id (4), type (1: request, 2: response, 3: data), flags.
+
+REQ_NO_PAYLOAD = bytes.fromhex("0a0173 12016d")
+MSG_A = bytes.fromhex("0a0161")
+REQ_WITH_A = REQ_NO_PAYLOAD + bytes.fromhex("1a03") + MSG_A
+
+SERVER_STREAMING_REQUEST = bytes.fromhex("0000000b 00000001 01 01") + REQ_WITH_A
+CLIENT_STREAMING_REQUEST = bytes.fromhex("00000006 00000001 01 02") + REQ_NO_PAYLOAD
+DATA_A = bytes.fromhex("00000003 00000001 03 00") + MSG_A
+DATA_EMPTY = bytes.fromhex("00000000 00000001 03 00")
+CLOSE = bytes.fromhex("00000000 00000001 03 05")
+REPLY_A = bytes.fromhex("00000005 00000001 02 00 1203") + MSG_A
+ABORTED_X = bytes.fromhex("00000007 00000001 02 00 0a05 080a 120178")
+
+
+def _stream_request(payload: bytes = b"") -> Request:
+    return Request(service="s", method="m", payload=payload)
+
+
+def test_golden_unary_is_unchanged() -> None:
+    client = ClientConnection()
+    _, frame = client.send_request(_stream_request(MSG_A))
+    assert frame == bytes.fromhex("0000000b 00000001 01 00") + REQ_WITH_A
+
+
+def test_golden_server_streaming() -> None:
+    client, server = ClientConnection(), ServerConnection()
+    sid, frame = client.open_stream(_stream_request(MSG_A), client_streaming=False)
+    assert (sid, frame) == (1, SERVER_STREAMING_REQUEST)
+    with pytest.raises(RpcError):
+        client.send_message(1, MSG_A)  # the request was the one message
+    assert client.close_send(1) == b""
+    events = server.receive_data(frame)
+    assert events == [RequestReceived(1, _stream_request(MSG_A), 0x01)]
+    out = server.encode_message(1, MSG_A) + server.encode_message(1, b"") + server.encode_end(1)
+    assert out == DATA_A + DATA_EMPTY + CLOSE
+    assert client.receive_data(out) == [
+        StreamMessage(1, MSG_A),
+        StreamMessage(1, b""),  # an empty message is delivered
+        StreamEnded(1),  # the end: no Response
+    ]
+    assert not client.is_open(1) and not server.is_open(1)
+
+
+def test_golden_server_streaming_error() -> None:
+    client, server = ClientConnection(), ServerConnection()
+    client.open_stream(_stream_request(MSG_A), client_streaming=False)
+    server.receive_data(SERVER_STREAMING_REQUEST)
+    out = server.encode_message(1, MSG_A) + server.encode_error(
+        1, Status(code=Code.ABORTED, message="x")
+    )
+    assert out == DATA_A + ABORTED_X
+    events = client.receive_data(out)
+    assert events[0] == StreamMessage(1, MSG_A)
+    assert isinstance(events[1], ResponseReceived) and events[1].response.status.code == 10
+
+
+def test_golden_client_streaming() -> None:
+    client, server = ClientConnection(), ServerConnection()
+    sid, frame = client.open_stream(_stream_request(), client_streaming=True)
+    assert frame == CLIENT_STREAMING_REQUEST  # no payload in the request
+    out = client.send_message(sid, MSG_A) + client.send_message(sid, b"") + client.close_send(sid)
+    assert out == DATA_A + DATA_EMPTY + CLOSE  # the close is its own empty frame
+    assert client.close_send(sid) == b""
+    events = server.receive_data(frame + out)
+    assert events == [
+        RequestReceived(1, _stream_request(), 0x02),
+        StreamMessage(1, MSG_A),
+        StreamMessage(1, b""),
+        StreamEnded(1),
+    ]
+    reply = server.encode_response(1, MSG_A)
+    assert reply == REPLY_A  # a normal Response carries the one reply
+    events = client.receive_data(reply)
+    assert events == [ResponseReceived(1, Response(payload=MSG_A))]
+
+
+def test_golden_bidi() -> None:
+    client, server = ClientConnection(), ServerConnection()
+    sid, frame = client.open_stream(_stream_request(), client_streaming=True)
+    assert frame == CLIENT_STREAMING_REQUEST
+    assert server.receive_data(frame + client.send_message(sid, MSG_A)) == [
+        RequestReceived(1, _stream_request(), 0x02),
+        StreamMessage(1, MSG_A),
+    ]
+    assert client.receive_data(server.encode_message(1, MSG_A)) == [StreamMessage(1, MSG_A)]
+    assert server.receive_data(client.close_send(sid)) == [StreamEnded(1)]
+    assert client.receive_data(server.encode_end(1)) == [StreamEnded(1)]
+    assert server.open_streams == 0 and client.open_streams == 0
+
+
+def test_server_stream_rules() -> None:
+    server = ServerConnection()
+    server.receive_data(CLIENT_STREAMING_REQUEST)
+    # Data for a stream never opened: InvalidArgument on that stream.
+    assert server.receive_data(encode_frame(9, MESSAGE_TYPE_DATA, MSG_A)) == []
+    (answer,) = responses(server.data_to_send())
+    assert (answer[0], answer[1].status.code) == (9, Code.INVALID_ARGUMENT)
+    # NO_DATA without a close carries nothing; a close may carry a last message.
+    assert server.receive_data(encode_frame(1, MESSAGE_TYPE_DATA, MSG_A, flags=0x04)) == []
+    assert server.receive_data(encode_frame(1, MESSAGE_TYPE_DATA, MSG_A, flags=0x01)) == [
+        StreamMessage(1, MSG_A),
+        StreamEnded(1),
+    ]
+    assert server.receive_data(CLOSE) == []  # a second close: ignored
+    # Data after the client closed: the stream is reset with InvalidArgument.
+    events = server.receive_data(DATA_A)
+    assert len(events) == 1 and isinstance(events[0], StreamReset)
+    (answer,) = responses(server.data_to_send())
+    assert (answer[0], answer[1].status.code) == (1, Code.INVALID_ARGUMENT)
+    assert not server.is_open(1)
+    # A stream that is over: its late frames are dropped without an answer.
+    assert server.receive_data(DATA_A + CLOSE) == []
+    assert server.data_to_send() == b""
+
+
+def test_stream_ids_must_increase_for_streams_too() -> None:
+    server = ServerConnection()
+    server.receive_data(encode_frame(5, MESSAGE_TYPE_REQUEST, REQ_NO_PAYLOAD, flags=0x02))
+    assert server.receive_data(encode_frame(3, MESSAGE_TYPE_REQUEST, REQ_NO_PAYLOAD, 0x02)) == []
+    (answer,) = responses(server.data_to_send())
+    assert (answer[0], answer[1].status.code) == (3, Code.INVALID_ARGUMENT)
+
+
+def test_oversize_data_resets_the_stream() -> None:
+    server = ServerConnection(max_message_length=64)
+    server.receive_data(CLIENT_STREAMING_REQUEST)
+    events = server.receive_data(header(100, 1, MESSAGE_TYPE_DATA) + b"z" * 100)
+    assert len(events) == 1 and isinstance(events[0], StreamReset)
+    assert events[0].error.code == Code.RESOURCE_EXHAUSTED
+    (answer,) = responses(server.data_to_send())
+    assert (answer[0], answer[1].status.code) == (1, Code.RESOURCE_EXHAUSTED)
+    client = ClientConnection(max_message_length=64)
+    sid, _ = client.open_stream(_stream_request(), client_streaming=True)
+    events = client.receive_data(header(100, sid, MESSAGE_TYPE_DATA) + b"z" * 100)
+    assert isinstance(events[0], CallFailed) and events[0].error.code == Code.RESOURCE_EXHAUSTED
+    assert client.abandon_stream(sid) == CLOSE  # our side was open: close it
+    with pytest.raises(RpcError) as err:
+        client.send_message(sid, b"x" * 65)
+    assert err.value.code == Code.FAILED_PRECONDITION
+
+
+def test_client_limits_and_abandon() -> None:
+    client = ClientConnection(max_message_length=16)
+    sid, _ = client.open_stream(_stream_request(), client_streaming=True)
+    with pytest.raises(RpcError) as err:
+        client.send_message(sid, b"x" * 17)
+    assert err.value.code == Code.RESOURCE_EXHAUSTED
+    assert client.abandon_stream(sid) == CLOSE
+    assert client.abandon_stream(sid) == b""
+    # Frames for an abandoned stream are dropped.
+    assert client.receive_data(DATA_A + CLOSE) == []
+    sid2, _ = client.open_stream(_stream_request(), client_streaming=False)
+    assert sid2 == 3 and client.abandon_stream(sid2) == b""  # nothing of ours was open
+
+
+def test_receive_buffers_are_counted() -> None:
+    limit = 4 * (3 + STREAM_MESSAGE_OVERHEAD)
+    server = ServerConnection(stream_buffer_size=limit)
+    server.receive_data(CLIENT_STREAMING_REQUEST)
+    server.receive_data(DATA_A * 4)
+    assert not server.backlogged  # exactly at the bound
+    server.receive_data(DATA_A)
+    assert server.backlogged and server.full_streams() == [1]
+    server.message_consumed(1, 3)
+    assert server.backlogged  # full until it drains to half
+    server.message_consumed(1, 3)
+    server.message_consumed(1, 3)
+    assert not server.backlogged
+    server.receive_data(DATA_A * 3)
+    assert server.backlogged
+    server.encode_end(1)  # the stream is over: its buffer no longer counts
+    assert not server.backlogged
+    # Empty messages count too.
+    client = ClientConnection(stream_buffer_size=STREAM_MESSAGE_OVERHEAD * 2)
+    client.open_stream(_stream_request(), client_streaming=False)
+    client.receive_data(DATA_EMPTY * 3)
+    assert client.backlogged
+    client.abandon_stream(1)
+    assert not client.backlogged
+    with pytest.raises(ValueError):
+        ServerConnection(stream_buffer_size=0)
+
+
+def test_unary_calls_ignore_stream_frames() -> None:
+    client = ClientConnection()
+    sid, _ = client.send_request(Request())
+    assert client.receive_data(encode_frame(sid, MESSAGE_TYPE_DATA, MSG_A, 0x01)) == []
+    assert client.pending == 1

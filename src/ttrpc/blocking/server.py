@@ -8,24 +8,41 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
 
 from google.protobuf.message import Message
 
 from ttrpc import address as _address
+from ttrpc._calls import deadline_error, decode_message, serialize, stalled_error
 from ttrpc.context import Context
-from ttrpc.handshake import Handshake, PeerCredentials, peer_credentials
-from ttrpc.protocol import MAX_MESSAGE_LENGTH, READ_SIZE, ServerConnection
+from ttrpc.handshake import Handshake, PeerCredentials, log_refusal, peer_credentials
+from ttrpc.interceptors import CallInfo, Interceptor, check_interceptors
+from ttrpc.protocol import (
+    FLAG_REMOTE_OPEN,
+    MAX_MESSAGE_LENGTH,
+    READ_SIZE,
+    STREAM_BUFFER_SIZE,
+    RequestReceived,
+    ServerConnection,
+    StreamEnded,
+    StreamMessage,
+    StreamReset,
+)
 from ttrpc.service import Method, Service, ServiceProvider, ServiceRegistry, encode_result
 from ttrpc.status import Code, RpcError, status_from_exception
-from ttrpc.ttrpc_pb2 import Status
+from ttrpc.ttrpc_pb2 import Request, Status
 
-__all__ = ["Server"]
+__all__ = ["Server", "ServerStream"]
 
 log = logging.getLogger("ttrpc")
 
 _DEADLINE_STATUS = Status(code=Code.DEADLINE_EXCEEDED, message="context deadline exceeded")
+#: Seconds a handler may leave its full receive buffer untouched before its stream fails.
+STREAM_STALL_TIMEOUT = 1.0
+_ACCEPT_POLL = 0.2
 
 
 class _Deadlines:
@@ -77,9 +94,12 @@ class _Connection:
         self._server = server
         self._sock = sock
         self._peer = peer
-        self._conn = ServerConnection(server.max_message_length)
-        self._lock = threading.Lock()  # guards _calls and the socket's write side
+        self._conn = ServerConnection(server.max_message_length, server.stream_buffer_size)
+        self._lock = threading.Lock()  # guards _calls, _streams, the core and the write side
+        self._drained = threading.Condition(self._lock)
         self._calls: dict[int, Context] = {}
+        self._streams: dict[int, ServerStream] = {}
+        self._progress = 0.0
         self._closed = False
         self.thread = threading.Thread(target=self._read_loop, name="ttrpc-conn", daemon=True)
 
@@ -96,14 +116,28 @@ class _Connection:
         view = memoryview(bytearray(READ_SIZE))
         try:
             while True:
+                if conn.backlogged:
+                    self._wait_for_room()
                 n = sock.recv_into(view)
                 if not n:
                     break
-                events = conn.receive_data(view[:n])
-                out = conn.data_to_send()
+                if conn.open_streams:
+                    with self._lock:
+                        events = conn.receive_data(view[:n])
+                        out = conn.data_to_send()
+                        requests = self._stream_events(events)
+                else:
+                    events = conn.receive_data(view[:n])
+                    out = conn.data_to_send()
+                    requests = events
                 if out:
                     self._send(out)
-                for event in events:
+                for event in requests:
+                    if type(event) is not RequestReceived:
+                        if conn.open_streams:
+                            with self._lock:
+                                self._stream_events([event])
+                        continue
                     stream_id = event.stream_id
                     try:
                         method, message, ctx = registry.prepare(event.request, self._peer)
@@ -113,43 +147,188 @@ class _Connection:
                     if ctx.deadline is not None and ctx.deadline <= time.monotonic():
                         self._send(conn.encode_error(stream_id, _DEADLINE_STATUS))
                         continue
+                    if method.client_streaming or method.server_streaming:
+                        self._start_stream(stream_id, event, method, ctx)
+                        continue
+                    handler = method.handler
+                    if registry.intercepted:
+                        handler = registry.chain(method, handler)
                     with self._lock:
                         self._calls[stream_id] = ctx
                     if ctx.deadline is not None:
                         self._server._deadlines.add(ctx.deadline, self, stream_id)
-                    self._server._pool.submit(self._run, stream_id, method, message, ctx)
+                    self._server._pool.submit(self._run, stream_id, handler, method, message, ctx)
         except OSError:
             pass
         finally:
             self.close()
             self._sock.close()  # only this thread reads, so the fd cannot be reused under it
 
-    def _run(self, stream_id: int, method: Method, message: Message, ctx: Context) -> None:
+    def _stream_events(self, events: list[Any]) -> list[Any]:
+        """Hand stream events to their streams (lock held); the rest comes back in order.
+
+        Requests must be started in order with the messages that follow them in the
+        same read, so everything after the first request goes back to the caller.
+        """
+        for index, event in enumerate(events):
+            kind = type(event)
+            if kind is RequestReceived:
+                return events[index:]
+            stream = self._streams.get(event.stream_id)
+            if kind is StreamMessage:
+                if stream is None:
+                    self._conn.message_consumed(event.stream_id, len(event.payload))
+                else:
+                    stream._push(event.payload)
+            elif stream is None:
+                continue
+            elif kind is StreamEnded:
+                stream._end_input()
+            elif kind is StreamReset:
+                stream._reset()
+        return []
+
+    def _run(
+        self,
+        stream_id: int,
+        handler: Callable[[Any, Context], Any],
+        method: Method,
+        message: Message,
+        ctx: Context,
+    ) -> None:
         conn = self._conn
         try:
-            frame = conn.encode_response(
-                stream_id, encode_result(method, method.handler(message, ctx))
-            )
+            payload = encode_result(method, handler(message, ctx))
+            if conn.open_streams:  # the core's stream table is shared: mutate it locked
+                with self._lock:
+                    frame = conn.encode_response(stream_id, payload)
+            else:
+                frame = conn.encode_response(stream_id, payload)
         except Exception as exc:
             if not isinstance(exc, RpcError):
                 log.debug("ttrpc: handler %s raised", ctx.method, exc_info=True)
-            frame = conn.encode_error(stream_id, status_from_exception(exc))
+            with self._lock:
+                frame = conn.encode_error(stream_id, status_from_exception(exc))
         self._finish(stream_id, frame)
+
+    # -- streams ---------------------------------------------------------------------
+
+    def _start_stream(
+        self, stream_id: int, event: RequestReceived, method: Method, ctx: Context
+    ) -> None:
+        registry = self._server._registry
+        stream = ServerStream(self, stream_id, method, ctx, registry.call_info(method))
+        request: Request = event.request
+        if not method.client_streaming:
+            stream._first = request.payload  # the one message, even an empty one
+            stream._input_open = False
+        else:
+            if request.payload:  # Go's clients may put a first message in the request
+                stream._first = request.payload
+            stream._input_open = bool(event.flags & FLAG_REMOTE_OPEN)
+        invoke: Callable[[ServerStream], Any] = _run_stream_handler
+        if registry.intercepted:
+            invoke = registry.chain(method, _run_stream_handler)
+        with self._lock:
+            self._calls[stream_id] = ctx
+            self._streams[stream_id] = stream
+        if ctx.deadline is not None:
+            self._server._deadlines.add(ctx.deadline, self, stream_id)
+        self._server._pool.submit(self._run_stream, stream, invoke)
+
+    def _run_stream(self, stream: ServerStream, invoke: Callable[[ServerStream], Any]) -> None:
+        conn = self._conn
+        stream_id = stream.stream_id
+        method = stream._method
+        try:
+            result = invoke(stream)
+            if stream._failure is not None:
+                raise stream._failure
+            payload = b"" if method.server_streaming else encode_result(method, result)
+            with self._lock:
+                if method.server_streaming:
+                    frame = conn.encode_end(stream_id)
+                else:
+                    frame = conn.encode_response(stream_id, payload)
+        except Exception as exc:
+            error: BaseException = exc
+            if stream._failure is not None:
+                error = stream._failure
+            elif not isinstance(exc, RpcError):
+                log.debug("ttrpc: handler %s raised", stream.ctx.method, exc_info=True)
+            with self._lock:
+                frame = conn.encode_error(stream_id, status_from_exception(error))
+        self._finish(stream_id, frame)
+
+    def _wait_for_room(self) -> None:
+        """A stream's buffer is full: wait for its handler to take messages; fail it if it
+        takes none for the stall timeout."""
+        timeout = self._server.stream_stall_timeout
+        failed: list[tuple[int, bytes]] = []
+        with self._lock:
+            self._progress = time.monotonic()
+            while self._conn.backlogged and not self._closed:
+                now = time.monotonic()
+                if now - self._progress >= timeout:
+                    for stream_id in self._conn.full_streams():
+                        stream = self._streams.get(stream_id)
+                        error = stalled_error(stream_id, timeout)
+                        if stream is not None:
+                            stream._fail(error)
+                            frame = self._conn.encode_error(stream_id, error.to_status())
+                            failed.append((stream_id, frame))
+                        else:
+                            self._conn.forget_stream(stream_id)
+                    break
+                self._drained.wait(self._progress + timeout - now)
+        # Answered now, as for a deadline: the handler cannot be interrupted.
+        for stream_id, frame in failed:
+            self._finish(stream_id, frame)
+
+    def _consumed(self, stream_id: int, nbytes: int) -> None:
+        # Caller holds the lock.
+        self._conn.message_consumed(stream_id, nbytes)
+        self._progress = time.monotonic()
+        if not self._conn.backlogged:
+            self._drained.notify_all()
+
+    def send_message(self, stream: ServerStream, frame: bytes) -> None:
+        with self._lock:
+            if self._closed or stream._finished:
+                raise stream._failure or RpcError(Code.CANCELLED, "ttrpc: the call has ended")
+            self._sock.sendall(frame)
+
+    # -- answers -----------------------------------------------------------------------
 
     def expire(self, stream_id: int) -> None:
         """The call's deadline passed: answer now; the handler's late result is dropped."""
         with self._lock:
             ctx = self._calls.get(stream_id)
+            stream = self._streams.get(stream_id)
+            if stream is not None:
+                stream._failure = deadline_error()
+                stream._finished = True
+                stream._cond.notify_all()
+            frame = self._conn.encode_error(stream_id, _DEADLINE_STATUS) if ctx else b""
         if ctx is not None:
             ctx.cancel()
-            self._finish(stream_id, self._conn.encode_error(stream_id, _DEADLINE_STATUS))
+            self._finish(stream_id, frame)
 
     def _finish(self, stream_id: int, frame: bytes) -> None:
         with self._lock:
+            stream = self._streams.pop(stream_id, None)
+            if stream is not None:
+                stream._finished = True
+                stream._cond.notify_all()
+                if not self._conn.backlogged:
+                    self._drained.notify_all()
             if self._calls.pop(stream_id, None) is None or self._closed:
                 return  # already answered (deadline) or the connection is gone
-            with contextlib.suppress(OSError):
-                self._sock.sendall(frame)
+            if stream is not None and stream._reset_by_peer:
+                self._conn.forget_stream(stream_id)
+            else:
+                with contextlib.suppress(OSError):
+                    self._sock.sendall(frame)
             idle = not self._calls
         if idle and self._server._shutting_down:
             self.close()
@@ -166,11 +345,137 @@ class _Connection:
             self._closed = True
             calls = list(self._calls.values())
             self._calls.clear()
+            for stream in self._streams.values():
+                stream._finished = True
+                stream._cond.notify_all()
+            self._streams.clear()
+            self._drained.notify_all()
         for ctx in calls:
             ctx.cancel()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread, which closes
         self._server._connection_closed(self)
+
+
+class ServerStream:
+    """One streaming call on a blocking server: what stream interceptors get.
+
+    Handlers see it through the iterators they are given; interceptors may
+    call :meth:`recv` and :meth:`send` themselves, or wrap it. ``ctx`` is the
+    call's :class:`~ttrpc.Context` (``ctx.cancelled`` turns true when the call
+    can no longer be answered), ``info`` its :class:`~ttrpc.interceptors.CallInfo`.
+    """
+
+    def __init__(
+        self,
+        connection: _Connection,
+        stream_id: int,
+        method: Method,
+        ctx: Context,
+        info: CallInfo,
+    ) -> None:
+        self._connection = connection
+        self.stream_id = stream_id
+        self._method = method
+        self.ctx = ctx
+        self.info = info
+        self._first: bytes | None = None
+        self._queue: deque[bytes] = deque()
+        self._input_open = True
+        self._cond = threading.Condition(connection._lock)
+        self._finished = False
+        self._reset_by_peer = False
+        self._failure: RpcError | None = None
+
+    def recv(self) -> Message | None:
+        """The client's next message (blocks); None once it has closed its side."""
+        first = self._first
+        if first is not None:
+            self._first = None
+            return decode_message(first, self._method.request_type)
+        connection = self._connection
+        with self._cond:
+            while not self._queue:
+                if self._failure is not None:
+                    raise self._failure
+                if not self._input_open or self._finished:
+                    if self._finished and not self._reset_by_peer:
+                        raise RpcError(Code.CANCELLED, "ttrpc: the call has ended")
+                    return None
+                self._cond.wait()
+            payload = self._queue.popleft()
+            connection._consumed(self.stream_id, len(payload))
+        return decode_message(payload, self._method.request_type)
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            message = self.recv()
+            if message is None:
+                return
+            yield message
+
+    def send(self, message: Message) -> None:
+        """Send one message to the client (server-streaming and bidi methods)."""
+        connection = self._connection
+        frame = connection._conn.encode_message(
+            self.stream_id, serialize(message, self._method.response_type)
+        )
+        try:
+            connection.send_message(self, frame)
+        except OSError:
+            raise RpcError(Code.UNAVAILABLE, "ttrpc: connection lost") from None
+
+    # -- driven by the connection (its lock held) --
+
+    def _push(self, payload: bytes) -> None:
+        self._queue.append(payload)
+        self._cond.notify()
+
+    def _end_input(self) -> None:
+        self._input_open = False
+        self._cond.notify()
+
+    def _reset(self) -> None:
+        self._reset_by_peer = True
+        self._finished = True
+        self.ctx.cancel()
+        self._cond.notify_all()
+
+    def _fail(self, error: RpcError) -> None:
+        """End the call with ``error``: the handler's next recv/send raises it."""
+        self._failure = error
+        self._finished = True
+        self._queue.clear()
+        self.ctx.cancel()
+        self._cond.notify_all()
+
+
+def _iterate(result: Any) -> Iterator[Any]:
+    if not hasattr(result, "__iter__") or isinstance(result, Message):
+        raise RpcError(
+            Code.INTERNAL,
+            f"ttrpc: streaming handler returned {type(result).__name__}, not an iterator",
+        )
+    return iter(result)
+
+
+def _run_stream_handler(stream: ServerStream) -> Message | None:
+    """Drive a streaming handler of any kind over its stream (the chain's innermost step)."""
+    method = stream._method
+    ctx = stream.ctx
+    if method.client_streaming:
+        requests = iter(stream)
+        if not method.server_streaming:
+            return cast(Message, method.handler(requests, ctx))
+        output = method.handler(requests, ctx)
+    else:
+        request = stream.recv()
+        if request is None:
+            raise RpcError(Code.INVALID_ARGUMENT, "ttrpc: server-streaming call without a request")
+        output = method.handler(request, ctx)
+    for message in _iterate(output):
+        stream.send(message)
+    return None
 
 
 class Server:
@@ -184,7 +489,10 @@ class Server:
         ...
         server.shutdown(timeout=5)
 
-    ``max_workers`` bounds the handler threads shared by all connections.
+    ``max_workers`` bounds the handler threads shared by all connections
+    (a streaming call holds one for as long as its handler runs).
+    ``handshake``, ``interceptors``, ``stream_buffer_size`` and
+    ``stream_stall_timeout`` are as for :class:`ttrpc.aio.Server`.
     """
 
     def __init__(
@@ -194,11 +502,18 @@ class Server:
         max_message_length: int = MAX_MESSAGE_LENGTH,
         max_workers: int = 64,
         on_connection_closed: Callable[[], object] | None = None,
+        interceptors: Sequence[Interceptor] | None = None,
+        stream_buffer_size: int = STREAM_BUFFER_SIZE,
+        stream_stall_timeout: float = STREAM_STALL_TIMEOUT,
     ) -> None:
         self.handshake = handshake
         self.max_message_length = max_message_length
+        self.stream_buffer_size = stream_buffer_size
+        self.stream_stall_timeout = stream_stall_timeout
         self._on_connection_closed = on_connection_closed
-        self._registry = ServiceRegistry(asynchronous=False)
+        self._registry = ServiceRegistry(
+            asynchronous=False, interceptors=check_interceptors(interceptors)
+        )
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ttrpc-handler")
         self._deadlines = _Deadlines()
         self._lock = threading.Lock()
@@ -219,6 +534,9 @@ class Server:
         owned = listener if isinstance(listener, str) else None
         sock = _address.listen(listener) if isinstance(listener, str) else listener
         sock.setblocking(True)
+        if sock.family != socket.AF_UNIX:
+            # shutdown() wakes a unix accept(), not a vsock one: poll for the stop instead.
+            sock.settimeout(_ACCEPT_POLL)
         thread = threading.Thread(
             target=self._accept_loop, args=(sock,), name="ttrpc-accept", daemon=True
         )
@@ -239,6 +557,8 @@ class Server:
         while not self._shutting_down:
             try:
                 client, _ = sock.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 if self._shutting_down:
                     return
@@ -249,6 +569,7 @@ class Server:
             except OSError:
                 peer = None
             if self.handshake is not None and not self.handshake(peer):
+                log_refusal(peer)
                 client.close()
                 continue
             conn = _Connection(self, client, peer)

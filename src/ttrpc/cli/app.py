@@ -46,7 +46,7 @@ exit codes:
   64      usage error (bad flag, unknown service or method)
   65      bad data (request JSON, .proto, descriptor set)
   66      an input file cannot be read
-  69      not supported yet (streaming methods); protoc missing for --proto
+  69      protoc missing for --proto
   70      internal error (TTRPC_DEBUG=1 prints the traceback)"""
 
 _MAIN_EXAMPLES = (

@@ -1,18 +1,19 @@
 """``ttrpc call``: one call to any ttrpc server, request and response as JSON.
 
 The method's kind picks the runner. Unary calls go through
-:meth:`ttrpc.blocking.Client.call`. Streaming kinds are wired to
-:func:`_streaming_not_supported` until the core has streams; then
-server-streaming prints each response with ``compact=True`` (one JSON
-document per line) and client-streaming/bidi read their requests with
-:func:`ttrpc.cli.codec.iter_json_lines` from stdin.
+:meth:`ttrpc.blocking.Client.call`. Server-streaming prints each response
+as it arrives with ``compact=True`` (one JSON document per line);
+client-streaming and bidi read their requests with
+:func:`ttrpc.cli.codec.iter_json_lines`, one per line, from stdin (or from
+``-d``'s text or file), sending each as soon as its line is read.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import TextIO
 
 from google.protobuf import descriptor_pool
@@ -24,12 +25,12 @@ from ttrpc.cli.codec import (
     OutputOptions,
     UnrenderableError,
     format_message,
+    iter_json_lines,
     parse_request,
     read_data,
 )
 from ttrpc.cli.descriptors import Descriptors, MethodRef
 from ttrpc.cli.errors import (
-    EXIT_UNAVAILABLE,
     EXIT_USAGE,
     CliError,
     Reported,
@@ -102,21 +103,109 @@ def report_status(error: RpcError, pool: descriptor_pool.DescriptorPool, stderr:
         print(f"ttrpc: detail: {text}", file=stderr)
 
 
-def _streaming_not_supported(
+def _server_streaming(
     request: CallRequest, ref: MethodRef, stdin: TextIO, stdout: TextIO, stderr: TextIO
 ) -> int:
-    raise CliError(
-        f"{ref.display} is a {ref.kind} method: streaming calls are not supported yet",
-        EXIT_UNAVAILABLE,
-    )
+    pool = ref.source.pool
+    message = parse_request(read_data(request.data, stdin), ref.request_class(), pool)
+    ctx = Context(timeout=request.timeout, metadata=request.metadata)
+    output = _stream_output(request.output)
+    with connect(request.address, request.timeout) as client:
+        stream = client.server_stream(ref.service, ref.name, message, ref.response_class(), ctx)
+        with _reported(ref, stderr):
+            for response in stream:
+                _print(response, ref, output, stdout, stderr)
+    return 0
+
+
+def _client_streaming(
+    request: CallRequest, ref: MethodRef, stdin: TextIO, stdout: TextIO, stderr: TextIO
+) -> int:
+    ctx = Context(timeout=request.timeout, metadata=request.metadata)
+    with connect(request.address, request.timeout) as client:
+        requests = _request_lines(request, ref, stdin)
+        with _reported(ref, stderr):
+            response = client.client_stream(
+                ref.service, ref.name, requests, ref.response_class(), ctx
+            )
+    _print(response, ref, request.output, stdout, stderr)
+    return 0
+
+
+def _bidi_streaming(
+    request: CallRequest, ref: MethodRef, stdin: TextIO, stdout: TextIO, stderr: TextIO
+) -> int:
+    ctx = Context(timeout=request.timeout, metadata=request.metadata)
+    output = _stream_output(request.output)
+    failures: list[BaseException] = []
+    with connect(request.address, request.timeout) as client:
+        stream = client.bidi_stream(ref.service, ref.name, None, ref.response_class(), ctx)
+
+        def send_lines() -> None:
+            # Each line goes out as soon as it is read: the server may answer before the next.
+            try:
+                for message in _request_lines(request, ref, stdin):
+                    if stream.finished:
+                        return
+                    stream.send(message)
+                stream.close_send()
+            except RpcError:
+                pass  # the call ended: its outcome is reported by the reading side
+            except BaseException as exc:
+                failures.append(exc)
+                stream.cancel()
+
+        sender = threading.Thread(target=send_lines, name="ttrpc-cli-send", daemon=True)
+        sender.start()
+        try:
+            with _reported(ref, stderr):
+                for response in stream:
+                    _print(response, ref, output, stdout, stderr)
+        except RpcError:
+            sender.join(1)
+            if failures:
+                raise failures[0] from None
+            raise
+        sender.join(1)
+        if failures:
+            raise failures[0]
+    return 0
+
+
+def _request_lines(request: CallRequest, ref: MethodRef, stdin: TextIO) -> Iterator[Message]:
+    """The requests of a client stream: JSON lines from stdin, or from ``-d``'s text/file."""
+    data = request.data
+    lines = stdin if data is None or data in ("-", "@-") else read_data(data, stdin).splitlines()
+    return iter_json_lines(lines, ref.request_class(), ref.source.pool)
+
+
+def _stream_output(output: OutputOptions) -> OutputOptions:
+    """One JSON document per line for streamed responses."""
+    return replace(output, compact=True) if output.format == "json" else output
+
+
+class _reported:
+    """Status details of a failed stream go to stderr, as for unary calls."""
+
+    def __init__(self, ref: MethodRef, stderr: TextIO) -> None:
+        self._ref = ref
+        self._stderr = stderr
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, RpcError) and exc.details:
+            report_status(exc, self._ref.source.pool, self._stderr)
+            raise Reported(exit_code_for_status(exc.code)) from None
 
 
 _Runner = Callable[[CallRequest, MethodRef, TextIO, TextIO, TextIO], int]
 _RUNNERS: dict[str, _Runner] = {
     "unary": _unary,
-    "server-streaming": _streaming_not_supported,
-    "client-streaming": _streaming_not_supported,
-    "bidi-streaming": _streaming_not_supported,
+    "server-streaming": _server_streaming,
+    "client-streaming": _client_streaming,
+    "bidi-streaming": _bidi_streaming,
 }
 
 

@@ -5,8 +5,7 @@ enums by name or number, ``google.protobuf.Any`` with ``@type``); responses
 are JSON (``--format json``) or protobuf text format (``--format text``).
 Types inside ``Any`` fields are resolved in the same pool as the method.
 
-For streaming methods (not supported by the core yet) the stream helpers are
-ready: :func:`iter_json_lines` reads one request per line and
+For streaming methods :func:`iter_json_lines` reads one request per line and
 :func:`format_message` with ``compact=True`` writes one response per line.
 """
 

@@ -15,7 +15,7 @@ exit code   meaning
 65          bad data: request JSON that does not parse or does not fit the
             message, a ``.proto`` that does not compile, a bad descriptor set
 66          an input file cannot be read (``-d @FILE``, ``--proto``, ...)
-69          not supported (yet): streaming methods; ``--proto`` without protoc
+69          ``--proto`` without protoc
 70          internal error (a bug; ``TTRPC_DEBUG=1`` shows the traceback)
 130         interrupted (Ctrl-C)
 ==========  ==============================================================

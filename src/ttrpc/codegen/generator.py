@@ -10,6 +10,12 @@ For every ``service`` of a ``.proto`` file the module gets four classes:
 server base), ``<Name>Client`` and ``<Name>BlockingClient``. The module sits
 where protoc's Python generator puts the ``_pb2`` module, with ``_ttrpc``
 instead of ``_pb2``.
+
+Streaming methods get typed signatures of their kind (``requests`` is an
+iterator of requests, async on asyncio): server-streaming ``(request, ctx) ->
+iterator of responses``; client-streaming ``(requests, ctx) -> response``;
+bidi ``(requests, ctx) -> iterator of responses``. Clients return
+``ClientStream`` objects for the kinds that answer with a stream.
 """
 
 from __future__ import annotations
@@ -310,11 +316,12 @@ class _Rpc:
     request: str  # expression naming the request class, e.g. "interop_pb2.EchoRequest"
     response: str
     doc: list[str]
+    client_streaming: bool = False
+    server_streaming: bool = False
 
-
-@dataclass(frozen=True)
-class _Skipped:
-    wire_name: str
+    @property
+    def streaming(self) -> bool:
+        return self.client_streaming or self.server_streaming
 
 
 @dataclass(frozen=True)
@@ -349,7 +356,6 @@ class _ModuleWriter:
             types.lookup(name)
             for service in proto.service
             for method in service.method
-            if not (method.client_streaming or method.server_streaming)
             for name in (method.input_type, method.output_type)
         ]
         modules = {module_name(ref.file) for ref in refs}
@@ -374,19 +380,15 @@ class _ModuleWriter:
         ref = self.types.lookup(full_name)
         return f"{self.aliases[module_name(ref.file)]}.{ref.path}"
 
-    def _methods(
-        self, index: int, service: descriptor_pb2.ServiceDescriptorProto
-    ) -> list[_Rpc | _Skipped]:
+    def _methods(self, index: int, service: descriptor_pb2.ServiceDescriptorProto) -> list[_Rpc]:
         taken = set(_CLASS_RESERVED) | set(_RUNTIME_NAMES) | set(self.aliases.values())
-        unary = [m for m in service.method if not (m.client_streaming or m.server_streaming)]
         # Names usable as they are are claimed first, so a rename never depends on order.
-        plain = {m.name for m in unary if m.name not in taken and not keyword.iskeyword(m.name)}
+        plain = {
+            m.name for m in service.method if m.name not in taken and not keyword.iskeyword(m.name)
+        }
         used = set(plain)
-        out: list[_Rpc | _Skipped] = []
+        out: list[_Rpc] = []
         for i, method in enumerate(service.method):
-            if method.client_streaming or method.server_streaming:
-                out.append(_Skipped(method.name))
-                continue
             py_name = method.name
             if py_name not in plain:
                 while py_name in taken or py_name in used or keyword.iskeyword(py_name):
@@ -400,20 +402,24 @@ class _ModuleWriter:
                     request=self._message(method.input_type),
                     response=self._message(method.output_type),
                     doc=_comment_lines(location),
+                    client_streaming=method.client_streaming,
+                    server_streaming=method.server_streaming,
                 )
             )
         return out
 
     def render(self) -> str:
         proto = self.proto
-        services: list[tuple[str, str, list[str], list[_Rpc | _Skipped]]] = []
+        services: list[tuple[str, str, list[str], list[_Rpc]]] = []
         for index, service in enumerate(proto.service):
             full = f"{proto.package}.{service.name}" if proto.package else service.name
             doc = _comment_lines(self.locations.get((_SERVICE_FIELD, index)))
             services.append((service.name, full, doc, self._methods(index, service)))
-        has_rpcs = any(isinstance(m, _Rpc) for *_, methods in services for m in methods)
-        # Without unary methods only Service is used, and unused imports fail linters.
+        has_rpcs = any(methods for *_, methods in services)
+        # Without methods only Service is used, and unused imports fail linters.
         runtime = _RUNTIME_NAMES if has_rpcs else ("Service",)
+        has_streams = any(m.streaming for *_, methods in services for m in methods)
+        has_inputs = any(m.client_streaming for *_, methods in services for m in methods)
 
         package = f" (package {proto.package})" if proto.package else ""
         docstring = f'"""ttrpc services of {proto.name}{package}."""'
@@ -431,9 +437,12 @@ class _ModuleWriter:
             f"from ttrpc import {', '.join(runtime)}",
             "",
             "if TYPE_CHECKING:",
-            f"{_INDENT}import ttrpc.aio",
-            f"{_INDENT}import ttrpc.blocking",
         ]
+        if has_streams:
+            # Only files with streaming methods need these (unary-only output is unchanged).
+            abc = "AsyncIterator, Iterable, Iterator" if has_inputs else "AsyncIterator, Iterator"
+            lines.extend([f"{_INDENT}from collections.abc import {abc}", ""])
+        lines.extend([f"{_INDENT}import ttrpc.aio", f"{_INDENT}import ttrpc.blocking"])
         # The _pb2 imports form their own block: where isort files them (first or third
         # party) depends on the project using the code, unlike ttrpc's own import above.
         if self.aliases:
@@ -451,7 +460,7 @@ class _ModuleWriter:
         class_name: str,
         full: str,
         doc: list[str],
-        methods: list[_Rpc | _Skipped],
+        methods: list[_Rpc],
     ) -> list[str]:
         blocking, server = flavour.blocking, flavour.server
         if server:
@@ -479,11 +488,8 @@ class _ModuleWriter:
             )
         for method in methods:
             out.append("")
-            if isinstance(method, _Skipped):
-                out.append(
-                    f"{i1}# Stream method {method.wire_name} is not generated yet "
-                    "(streaming support pending)"
-                )
+            if method.streaming:
+                out.extend(self._stream_method(flavour, method))
                 continue
             prefix = "def" if blocking else "async def"
             params = ["self", f"request: {method.request}", "ctx: Context | None = None"]
@@ -504,20 +510,68 @@ class _ModuleWriter:
             out.extend(self._service_table(methods))
         return out
 
-    def _service_table(self, methods: list[_Rpc | _Skipped]) -> list[str]:
+    def _stream_method(self, flavour: _Flavour, method: _Rpc) -> list[str]:
+        """A streaming method of one of the four classes."""
+        i1, i2 = _INDENT, _INDENT * 2
+        blocking, server = flavour.blocking, flavour.server
+        req, resp = method.request, method.response
+        ctx = "ctx: Context | None = None"
+        package = flavour.package
+        if server:
+            inputs = f"Iterator[{req}]" if blocking else f"AsyncIterator[{req}]"
+            outputs = f"Iterator[{resp}]" if blocking else f"AsyncIterator[{resp}]"
+            first = f"request: {req}" if not method.client_streaming else f"requests: {inputs}"
+            returns = outputs if method.server_streaming else resp
+            # A coroutine for client-streaming (it returns one reply); a plain def for the
+            # others, which subclasses override with (async) generators.
+            is_async = not blocking and not method.server_streaming
+        else:
+            inputs = f"Iterable[{req}]" if blocking else f"ttrpc.aio.Requests[{req}]"
+            if not method.client_streaming:
+                first = f"request: {req}"
+            elif method.server_streaming:
+                first = f"requests: {inputs} | None = None"
+            else:
+                first = f"requests: {inputs}"
+            returns = f"{package}.ClientStream[{resp}]" if method.server_streaming else resp
+            is_async = not blocking and not method.server_streaming
+        prefix = "async def" if is_async else "def"
+        out = _def(i1, f"{prefix} {method.py_name}(", ["self", first, ctx], returns)
+        if method.doc:
+            out.extend(_docstring(method.doc, i2))
+        if server:
+            message = f'"method {method.wire_name} not implemented"'
+            out.extend(_call(i2, "raise RpcError(", ["Code.UNIMPLEMENTED", message], ")"))
+            return out
+        wire = f'"{method.wire_name}"'
+        if not method.client_streaming:
+            helper, arg = "server_stream", "request"
+        elif method.server_streaming:
+            helper, arg = "bidi_stream", "requests"
+        else:
+            helper, arg = "client_stream", "requests"
+        head = f"return {'await ' if is_async else ''}self._client.{helper}("
+        out.extend(_call(i2, head, ["self.SERVICE_NAME", wire, arg, resp, "ctx"], ")"))
+        return out
+
+    def _service_table(self, methods: list[_Rpc]) -> list[str]:
         i1, i2, i3, i4 = (_INDENT * n for n in range(1, 5))
         out = [
             "",
             f"{i1}def __ttrpc_service__(self) -> Service:",
             f'{i2}"""Describe this object\'s handlers for ``Server.register``."""',
         ]
-        rpcs = [m for m in methods if isinstance(m, _Rpc)]
+        rpcs = methods
         if not rpcs:
             out.append(f"{i2}return Service(self.SERVICE_NAME, {{}})")
             return out
         out.extend([f"{i2}return Service(", f"{i3}self.SERVICE_NAME,", f"{i3}{{"])
         for rpc in rpcs:
             args = [f'"{rpc.wire_name}"', rpc.request, rpc.response, f"self.{rpc.py_name}"]
+            if rpc.client_streaming:
+                args.append("client_streaming=True")
+            if rpc.server_streaming:
+                args.append("server_streaming=True")
             out.extend(_call(i4, f'"{rpc.wire_name}": Method(', args, "),"))
         out.extend([f"{i3}}},", f"{i2})"])
         return out

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from ttrpc import Code, Context, Method, RpcError, Service
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterable, Iterator
+
     import ttrpc.aio
     import ttrpc.blocking
 
@@ -50,11 +52,21 @@ class GreeterService:
         """
         raise RpcError(Code.UNIMPLEMENTED, "method class not implemented")
 
-    # Stream method Watch is not generated yet (streaming support pending)
+    def Watch(
+        self, request: services_pb2.HelloRequest, ctx: Context | None = None
+    ) -> AsyncIterator[services_pb2.HelloResponse]:
+        """Watch streams replies."""
+        raise RpcError(Code.UNIMPLEMENTED, "method Watch not implemented")
 
-    # Stream method Upload is not generated yet (streaming support pending)
+    async def Upload(
+        self, requests: AsyncIterator[services_pb2.HelloRequest], ctx: Context | None = None
+    ) -> services_pb2.HelloResponse:
+        raise RpcError(Code.UNIMPLEMENTED, "method Upload not implemented")
 
-    # Stream method Chat is not generated yet (streaming support pending)
+    def Chat(
+        self, requests: AsyncIterator[services_pb2.HelloRequest], ctx: Context | None = None
+    ) -> AsyncIterator[services_pb2.HelloResponse]:
+        raise RpcError(Code.UNIMPLEMENTED, "method Chat not implemented")
 
     def __ttrpc_service__(self) -> Service:
         """Describe this object's handlers for ``Server.register``."""
@@ -66,6 +78,28 @@ class GreeterService:
                 ),
                 "Ping": Method("Ping", empty_pb2.Empty, empty_pb2.Empty, self.Ping),
                 "class": Method("class", types_pb2.Token, types_pb2.Outer.Inner, self.class_),
+                "Watch": Method(
+                    "Watch",
+                    services_pb2.HelloRequest,
+                    services_pb2.HelloResponse,
+                    self.Watch,
+                    server_streaming=True,
+                ),
+                "Upload": Method(
+                    "Upload",
+                    services_pb2.HelloRequest,
+                    services_pb2.HelloResponse,
+                    self.Upload,
+                    client_streaming=True,
+                ),
+                "Chat": Method(
+                    "Chat",
+                    services_pb2.HelloRequest,
+                    services_pb2.HelloResponse,
+                    self.Chat,
+                    client_streaming=True,
+                    server_streaming=True,
+                ),
             },
         )
 
@@ -101,11 +135,21 @@ class GreeterBlockingService:
         """
         raise RpcError(Code.UNIMPLEMENTED, "method class not implemented")
 
-    # Stream method Watch is not generated yet (streaming support pending)
+    def Watch(
+        self, request: services_pb2.HelloRequest, ctx: Context | None = None
+    ) -> Iterator[services_pb2.HelloResponse]:
+        """Watch streams replies."""
+        raise RpcError(Code.UNIMPLEMENTED, "method Watch not implemented")
 
-    # Stream method Upload is not generated yet (streaming support pending)
+    def Upload(
+        self, requests: Iterator[services_pb2.HelloRequest], ctx: Context | None = None
+    ) -> services_pb2.HelloResponse:
+        raise RpcError(Code.UNIMPLEMENTED, "method Upload not implemented")
 
-    # Stream method Chat is not generated yet (streaming support pending)
+    def Chat(
+        self, requests: Iterator[services_pb2.HelloRequest], ctx: Context | None = None
+    ) -> Iterator[services_pb2.HelloResponse]:
+        raise RpcError(Code.UNIMPLEMENTED, "method Chat not implemented")
 
     def __ttrpc_service__(self) -> Service:
         """Describe this object's handlers for ``Server.register``."""
@@ -117,6 +161,28 @@ class GreeterBlockingService:
                 ),
                 "Ping": Method("Ping", empty_pb2.Empty, empty_pb2.Empty, self.Ping),
                 "class": Method("class", types_pb2.Token, types_pb2.Outer.Inner, self.class_),
+                "Watch": Method(
+                    "Watch",
+                    services_pb2.HelloRequest,
+                    services_pb2.HelloResponse,
+                    self.Watch,
+                    server_streaming=True,
+                ),
+                "Upload": Method(
+                    "Upload",
+                    services_pb2.HelloRequest,
+                    services_pb2.HelloResponse,
+                    self.Upload,
+                    client_streaming=True,
+                ),
+                "Chat": Method(
+                    "Chat",
+                    services_pb2.HelloRequest,
+                    services_pb2.HelloResponse,
+                    self.Chat,
+                    client_streaming=True,
+                    server_streaming=True,
+                ),
             },
         )
 
@@ -158,11 +224,29 @@ class GreeterClient:
             self.SERVICE_NAME, "class", request, types_pb2.Outer.Inner, ctx
         )
 
-    # Stream method Watch is not generated yet (streaming support pending)
+    def Watch(
+        self, request: services_pb2.HelloRequest, ctx: Context | None = None
+    ) -> ttrpc.aio.ClientStream[services_pb2.HelloResponse]:
+        """Watch streams replies."""
+        return self._client.server_stream(
+            self.SERVICE_NAME, "Watch", request, services_pb2.HelloResponse, ctx
+        )
 
-    # Stream method Upload is not generated yet (streaming support pending)
+    async def Upload(
+        self, requests: ttrpc.aio.Requests[services_pb2.HelloRequest], ctx: Context | None = None
+    ) -> services_pb2.HelloResponse:
+        return await self._client.client_stream(
+            self.SERVICE_NAME, "Upload", requests, services_pb2.HelloResponse, ctx
+        )
 
-    # Stream method Chat is not generated yet (streaming support pending)
+    def Chat(
+        self,
+        requests: ttrpc.aio.Requests[services_pb2.HelloRequest] | None = None,
+        ctx: Context | None = None,
+    ) -> ttrpc.aio.ClientStream[services_pb2.HelloResponse]:
+        return self._client.bidi_stream(
+            self.SERVICE_NAME, "Chat", requests, services_pb2.HelloResponse, ctx
+        )
 
 
 class GreeterBlockingClient:
@@ -198,11 +282,29 @@ class GreeterBlockingClient:
         """
         return self._client.call(self.SERVICE_NAME, "class", request, types_pb2.Outer.Inner, ctx)
 
-    # Stream method Watch is not generated yet (streaming support pending)
+    def Watch(
+        self, request: services_pb2.HelloRequest, ctx: Context | None = None
+    ) -> ttrpc.blocking.ClientStream[services_pb2.HelloResponse]:
+        """Watch streams replies."""
+        return self._client.server_stream(
+            self.SERVICE_NAME, "Watch", request, services_pb2.HelloResponse, ctx
+        )
 
-    # Stream method Upload is not generated yet (streaming support pending)
+    def Upload(
+        self, requests: Iterable[services_pb2.HelloRequest], ctx: Context | None = None
+    ) -> services_pb2.HelloResponse:
+        return self._client.client_stream(
+            self.SERVICE_NAME, "Upload", requests, services_pb2.HelloResponse, ctx
+        )
 
-    # Stream method Chat is not generated yet (streaming support pending)
+    def Chat(
+        self,
+        requests: Iterable[services_pb2.HelloRequest] | None = None,
+        ctx: Context | None = None,
+    ) -> ttrpc.blocking.ClientStream[services_pb2.HelloResponse]:
+        return self._client.bidi_stream(
+            self.SERVICE_NAME, "Chat", requests, services_pb2.HelloResponse, ctx
+        )
 
 
 class AdminService:
