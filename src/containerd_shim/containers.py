@@ -74,10 +74,17 @@ def validate_id(value: str, what: str = "id") -> str:
     return value
 
 
+# Go's zero time.Time (0001-01-01T00:00:00Z): what containerd's Go shims report for
+# "not exited yet", and what containerd's IsZero() checks expect.
+_GO_ZERO_TIME_SECONDS = -62135596800
+
+
 def timestamp(seconds: float | None) -> Timestamp:
+    """A protobuf timestamp; ``None`` (no exit yet) becomes Go's zero time, as Go's shims send."""
+    if seconds is None:
+        return Timestamp(seconds=_GO_ZERO_TIME_SECONDS)
     stamp = Timestamp()
-    if seconds is not None:
-        stamp.FromNanoseconds(int(seconds * 1e9))
+    stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp
 
 
