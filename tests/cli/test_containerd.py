@@ -123,6 +123,8 @@ def test_call_state(cli: Cli, containerd: Containerd, task: tuple[str, str]) -> 
     assert res.code == 0, res.err
     state = json.loads(res.out)
     assert (state["id"], state["pid"], state["status"]) == (cid, pid, "RUNNING")
+    # Not exited yet: Go's zero time, from Go's shims and ours alike.
+    assert state.get("exitedAt") == "0001-01-01T00:00:00Z", state
     assert state["bundle"].startswith(str(containerd.state))
 
     # No flags at all (containerd's namespace metadata is optional for the shims).
