@@ -57,6 +57,10 @@ def _shim_env() -> dict[str, str]:
     return env
 
 
+# Guards the list of fds run() closes at the end against the stdin thread closing one early.
+_FDS_LOCK = threading.Lock()
+
+
 class _Copy(threading.Thread):
     """Copies ``src`` to ``dst`` until EOF (or stop()); fds are non-blocking-safe."""
 
@@ -341,9 +345,11 @@ def _run_in(
             _cleanup(shim, container_id, created, started, v1, binary, bundle, tmp, opts)
         for copy in copies:
             copy.close()
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        with _FDS_LOCK:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            fds.clear()
 
 
 def _forward_signals(signals: queue.SimpleQueue[int], shim: client.Shim, container_id: str) -> None:
@@ -364,10 +370,11 @@ def _close_stdin_at_eof(
 ) -> None:
     """Our stdin ended: close the fifo and tell the shim (the process sees EOF)."""
     copy.eof.wait()
-    if in_fd in fds:
+    with _FDS_LOCK:  # the main thread may be closing ``fds`` at the same moment
+        if in_fd not in fds:
+            return  # already closed by run(): its number may belong to someone else now
         fds.remove(in_fd)
-        with contextlib.suppress(OSError):
-            os.close(in_fd)
+        os.close(in_fd)
     with contextlib.suppress(RpcError, OSError):
         shim.close_io(container_id)
 
