@@ -287,8 +287,9 @@ class LoggingInterceptor(Interceptor):
             args = (*args, error.message if isinstance(error, RpcError) else error)
         self.logger.log(level, message, *args, extra=extra)
 
-    async def client_unary(
+    async def _async_unary(
         self,
+        side: str,
         request: Message,
         ctx: Context,
         info: CallInfo,
@@ -298,13 +299,14 @@ class LoggingInterceptor(Interceptor):
         try:
             reply = await call_next(request, ctx)
         except BaseException as exc:
-            self._log("client", info, ctx, start, exc)
+            self._log(side, info, ctx, start, exc)
             raise
-        self._log("client", info, ctx, start, None)
+        self._log(side, info, ctx, start, None)
         return reply
 
-    def blocking_client_unary(
+    def _blocking_unary(
         self,
+        side: str,
         request: Message,
         ctx: Context,
         info: CallInfo,
@@ -314,10 +316,28 @@ class LoggingInterceptor(Interceptor):
         try:
             reply = call_next(request, ctx)
         except BaseException as exc:
-            self._log("client", info, ctx, start, exc)
+            self._log(side, info, ctx, start, exc)
             raise
-        self._log("client", info, ctx, start, None)
+        self._log(side, info, ctx, start, None)
         return reply
+
+    async def client_unary(
+        self,
+        request: Message,
+        ctx: Context,
+        info: CallInfo,
+        call_next: Callable[[Message, Context], Awaitable[Message]],
+    ) -> Message:
+        return await self._async_unary("client", request, ctx, info, call_next)
+
+    def blocking_client_unary(
+        self,
+        request: Message,
+        ctx: Context,
+        info: CallInfo,
+        call_next: Callable[[Message, Context], Message],
+    ) -> Message:
+        return self._blocking_unary("client", request, ctx, info, call_next)
 
     def _client_stream(
         self, request: Message | None, ctx: Context, info: CallInfo, call_next: Any
@@ -341,14 +361,7 @@ class LoggingInterceptor(Interceptor):
         info: CallInfo,
         call_next: Callable[[Message, Context], Awaitable[Message]],
     ) -> Message:
-        start = time.monotonic()
-        try:
-            reply = await call_next(request, ctx)
-        except BaseException as exc:
-            self._log("server", info, ctx, start, exc)
-            raise
-        self._log("server", info, ctx, start, None)
-        return reply
+        return await self._async_unary("server", request, ctx, info, call_next)
 
     def blocking_server_unary(
         self,
@@ -357,14 +370,7 @@ class LoggingInterceptor(Interceptor):
         info: CallInfo,
         call_next: Callable[[Message, Context], Message],
     ) -> Message:
-        start = time.monotonic()
-        try:
-            reply = call_next(request, ctx)
-        except BaseException as exc:
-            self._log("server", info, ctx, start, exc)
-            raise
-        self._log("server", info, ctx, start, None)
-        return reply
+        return self._blocking_unary("server", request, ctx, info, call_next)
 
     async def server_stream(
         self, stream: Any, info: CallInfo, call_next: Callable[[Any], Awaitable[Message | None]]
