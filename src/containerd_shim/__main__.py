@@ -15,6 +15,18 @@ def _self_argv() -> list[str]:
     return [sys.executable, "-m", "containerd_shim"]
 
 
+def _full_interpreter(args: list[str]) -> None:
+    """Under the fast launcher (no site-packages), re-execute as the full shim.
+
+    ``start`` and a zygote-served ``delete`` need only the standard library;
+    the daemon and a local ``delete`` need protobuf from site-packages.
+    """
+    if sys.flags.no_site:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [*_self_argv(), *args])
+
+
 def _delete_in_zygote(args: list[str]) -> int | None:
     """Run ``delete`` in a child of the zygote (pre-imported); None if there is none."""
     from containerd_shim import zygote
@@ -29,7 +41,8 @@ def _delete_in_zygote(args: list[str]) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    flags = parse(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    flags = parse(args)
     if flags.version:
         from ttrpc import __version__
 
@@ -46,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             return 0
         if flags.action == "delete":
-            status = _delete_in_zygote(sys.argv[1:] if argv is None else argv)
+            status = _delete_in_zygote(args)
             if status is not None:
                 return status
+            _full_interpreter(args)
             from containerd_shim.manager import delete
 
             sys.stdout.buffer.write(delete(flags))
@@ -56,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if flags.action:
             raise SystemExit(f"unknown action {flags.action!r}")
+        _full_interpreter(args)
         from containerd_shim.serve import serve
 
         return serve(flags)

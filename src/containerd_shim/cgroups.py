@@ -22,14 +22,23 @@ Cgroup mounts come from ``/proc/self/mountinfo``; the ``proc_root`` and
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import select
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
+from containerd_shim.cgroupfs import (
+    Mount,
+    add_process_to_cgroup,
+    is_v1,
+    parse_mountinfo,
+    parse_proc_cgroup,
+    read_mounts,
+    read_text,
+    under,
+)
 from ttrpc import Code, RpcError
 
 if TYPE_CHECKING:
@@ -59,169 +68,11 @@ _MAX_UINT64 = (1 << 64) - 1
 _MAX_UINT32 = (1 << 32) - 1
 _NS_PER_SEC = 1_000_000_000
 
-# The v1 controllers (as opposed to mount options such as "rw" or "name=systemd").
-V1_CONTROLLERS = frozenset(
-    {
-        "blkio",
-        "cpu",
-        "cpuacct",
-        "cpuset",
-        "devices",
-        "freezer",
-        "hugetlb",
-        "memory",
-        "misc",
-        "net_cls",
-        "net_prio",
-        "perf_event",
-        "pids",
-        "rdma",
-    }
-)
 # The v1 controllers that contribute to Metrics.
 _V1_STAT_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "blkio", "hugetlb", "rdma")
 
 
-# --------------------------------------------------------------------------- mounts
-
-
-class Mount(NamedTuple):
-    """One cgroup filesystem mount from mountinfo."""
-
-    mountpoint: str
-    #: The cgroup path of the hierarchy that is mounted (``/`` unless in a cgroup namespace).
-    root: str
-    #: 1 for a ``cgroup`` mount, 2 for ``cgroup2``.
-    version: int
-    #: v1: the superblock options (controllers such as ``memory`` and ``name=systemd``,
-    #: plus flags like ``rw``); v2: empty.
-    options: frozenset[str] = frozenset()
-    #: ``major:minor`` of the mount: one per hierarchy, the same for its bind mounts.
-    device: str = ""
-
-    def has(self, controller: str) -> bool:
-        """Whether this v1 hierarchy carries ``controller``."""
-        return controller in self.options
-
-
-def _unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes (``\\040`` for a space)."""
-    if "\\" not in field:
-        return field
-    out: list[str] = []
-    i = 0
-    while i < len(field):
-        c = field[i]
-        if c == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
-
-
-def parse_mountinfo(text: str) -> list[Mount]:
-    """The cgroup and cgroup2 mounts listed in a mountinfo file, in order."""
-    mounts: list[Mount] = []
-    for line in text.splitlines():
-        fields = line.split(" ")
-        try:
-            sep = fields.index("-", 6)
-        except ValueError:
-            continue
-        if len(fields) < sep + 4:
-            continue
-        fstype = fields[sep + 1]
-        if fstype == "cgroup":
-            version = 1
-            options = frozenset(fields[sep + 3].split(","))
-        elif fstype == "cgroup2":
-            version = 2
-            options = frozenset()
-        else:
-            continue
-        mounts.append(
-            Mount(
-                mountpoint=_unescape(fields[4]),
-                root=_unescape(fields[3]),
-                version=version,
-                options=options,
-                device=fields[2],
-            )
-        )
-    return mounts
-
-
-def read_mounts(proc_root: str = "/proc") -> list[Mount]:
-    """The cgroup mounts of this process (``<proc_root>/self/mountinfo``)."""
-    with open(os.path.join(proc_root, "self", "mountinfo"), encoding="utf-8") as f:
-        return parse_mountinfo(f.read())
-
-
-def _is_v1(mounts: Iterable[Mount]) -> bool:
-    """Whether cgroup v1 controllers are mounted (v1 or hybrid host) — then v1 is used."""
-    return any(m.version == 1 and not m.options.isdisjoint(V1_CONTROLLERS) for m in mounts)
-
-
-def _v1_hierarchies(mounts: Iterable[Mount]) -> list[Mount]:
-    """One mount per v1 hierarchy (bind mounts of the same hierarchy skipped)."""
-    seen: set[str] = set()
-    out: list[Mount] = []
-    for m in mounts:
-        if m.version != 1:
-            continue
-        key = m.device or m.mountpoint
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(m)
-    return out
-
-
-def _under(mount: Mount, cgroup_path: str) -> str:
-    """The directory of ``cgroup_path`` (as /proc/PID/cgroup shows it) below ``mount``."""
-    root = mount.root.rstrip("/")
-    rel = cgroup_path
-    if root and (cgroup_path == root or cgroup_path.startswith(root + "/")):
-        rel = cgroup_path[len(root) :]
-    return os.path.join(mount.mountpoint, rel.lstrip("/"))
-
-
-def parse_proc_cgroup(text: str) -> tuple[dict[str, str], str | None]:
-    """Parse /proc/PID/cgroup: ``({v1 controller or "name=X": path}, v2 path or None)``."""
-    v1: dict[str, str] = {}
-    unified: str | None = None
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        path = parts[2]
-        if path.endswith(" (deleted)"):
-            path = path[: -len(" (deleted)")]
-        if parts[1] == "":
-            unified = path
-            continue
-        for name in parts[1].split(","):
-            if name:
-                v1[name] = path
-    return v1, unified
-
-
 # --------------------------------------------------------------------------- parsing helpers
-
-
-def _read(path: str) -> str | None:
-    """A file's text, or None if it (or its cgroup) does not exist."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        if e.errno in (errno.ENODEV, errno.ENOTDIR, errno.ESRCH):
-            return None
-        raise
 
 
 def _parse_uint(s: str) -> int | None:
@@ -236,7 +87,7 @@ def _parse_uint(s: str) -> int | None:
 
 
 def _read_uint(path: str) -> int | None:
-    data = _read(path)
+    data = read_text(path)
     return None if data is None else _parse_uint(data.strip())
 
 
@@ -254,13 +105,13 @@ def _parse_kv(text: str) -> dict[str, int]:
 
 
 def _read_kv(path: str) -> dict[str, int] | None:
-    data = _read(path)
+    data = read_text(path)
     return None if data is None else _parse_kv(data)
 
 
 def _read_uint_or_max(path: str) -> int:
     """v2 single-value file: ``max`` is MaxUint64, missing or garbage is 0."""
-    data = _read(path)
+    data = read_text(path)
     if data is None:
         return 0
     s = data.strip()
@@ -342,7 +193,7 @@ class _Devices:
     def name(self, major: int, minor: int) -> str:
         if self._names is None:
             self._names = {}
-            data = _read(os.path.join(self._proc_root, "partitions")) or ""
+            data = read_text(os.path.join(self._proc_root, "partitions")) or ""
             for line in data.splitlines()[2:]:
                 fields = line.split()
                 if len(fields) < 4 or not fields[0].isdigit() or not fields[1].isdigit():
@@ -420,7 +271,7 @@ def _v1_memory(d: str, m: v1pb.Metrics) -> None:
 
 def _v1_cpuacct(d: str, m: v1pb.Metrics) -> None:
     usage = m.cpu.usage
-    stat = _read(os.path.join(d, "cpuacct.stat"))
+    stat = read_text(os.path.join(d, "cpuacct.stat"))
     if stat is not None:
         fields = stat.split()
         ticks = _clock_ticks()
@@ -436,7 +287,7 @@ def _v1_cpuacct(d: str, m: v1pb.Metrics) -> None:
     total = _read_uint(os.path.join(d, "cpuacct.usage"))
     if total is not None:
         usage.total = total
-    percpu = _read(os.path.join(d, "cpuacct.usage_percpu"))
+    percpu = read_text(os.path.join(d, "cpuacct.usage_percpu"))
     if percpu is not None:
         values = [_parse_uint(v) for v in percpu.split()]
         usage.per_cpu[:] = [v or 0 for v in values]
@@ -457,7 +308,7 @@ def _v1_pids(d: str, m: v1pb.Metrics) -> None:
     if current is None:
         return
     m.pids.current = current
-    limit = _read(os.path.join(d, "pids.max"))
+    limit = read_text(os.path.join(d, "pids.max"))
     if limit is not None and limit.strip() != "max":
         m.pids.limit = _parse_uint(limit.strip()) or 0
 
@@ -502,7 +353,7 @@ def _v1_blkio(d: str, m: v1pb.Metrics, devices: _Devices) -> None:
             ("io_merged_recursive", b.io_merged_recursive),
             ("time_recursive", b.io_time_recursive),
         ):
-            text = _read(os.path.join(d, "blkio." + name))
+            text = read_text(os.path.join(d, "blkio." + name))
             if text is not None:
                 _add_blkio(entries, text, devices)
                 size += len(entries)
@@ -512,7 +363,7 @@ def _v1_blkio(d: str, m: v1pb.Metrics, devices: _Devices) -> None:
         ("throttle.io_serviced", b.io_serviced_recursive),
         ("throttle.io_service_bytes", b.io_service_bytes_recursive),
     ):
-        text = _read(os.path.join(d, "blkio." + name))
+        text = read_text(os.path.join(d, "blkio." + name))
         if text is not None:
             _add_blkio(entries, text, devices)
 
@@ -531,8 +382,8 @@ def _v1_hugetlb(d: str, m: v1pb.Metrics) -> None:
 
 
 def _v1_rdma(d: str, m: v1pb.Metrics) -> None:
-    current = _read(os.path.join(d, "rdma.current"))
-    limit = _read(os.path.join(d, "rdma.max"))
+    current = read_text(os.path.join(d, "rdma.current"))
+    limit = read_text(os.path.join(d, "rdma.max"))
     if current is None or limit is None:
         return
     current_lines, limit_lines = current.split("\n"), limit.split("\n")
@@ -680,7 +531,7 @@ def v2_metrics(path: str) -> v2pb.Metrics:
         )
 
     m.io.SetInParent()
-    for major, minor, values in parse_io_stat(_read(j("io.stat")) or ""):
+    for major, minor, values in parse_io_stat(read_text(j("io.stat")) or ""):
         m.io.usage.add(
             major=major,
             minor=minor,
@@ -692,7 +543,7 @@ def v2_metrics(path: str) -> v2pb.Metrics:
 
     m.rdma.SetInParent()
     for name, entries in (("rdma.current", m.rdma.current), ("rdma.max", m.rdma.limit)):
-        for dev, handles, objects in _rdma_entries((_read(j(name)) or "").splitlines()):
+        for dev, handles, objects in _rdma_entries((read_text(j(name)) or "").splitlines()):
             entries.add(device=dev, hca_handles=handles, hca_objects=objects)
 
     sizes = set(_hugetlb_sizes(path, "current")) | set(_hugetlb_sizes(path, "max"))
@@ -782,7 +633,7 @@ class Cgroups:
         dirs maps v1 controllers to directories, or ``""`` to the v2 directory.
         """
         mounts = self._get_mounts()
-        v1 = _is_v1(mounts)
+        v1 = is_v1(mounts)
         dirs: dict[str, str] = {}
         with self._lock:
             cached = self._paths.get(container_id)
@@ -804,12 +655,12 @@ class Cgroups:
                         continue
                     for m in mounts:
                         if m.version == 1 and m.has(name):
-                            dirs[name] = _under(m, path)
+                            dirs[name] = under(m, path)
                             break
             elif unified is not None:
                 for m in mounts:
                     if m.version == 2:
-                        dirs[""] = _under(m, unified)
+                        dirs[""] = under(m, unified)
                         break
         existing = {k: d for k, d in dirs.items() if os.path.isdir(d)}
         if not existing:
@@ -1025,67 +876,3 @@ class Cgroups:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# --------------------------------------------------------------------------- joining
-
-
-def _init_cpuset(directory: str) -> None:
-    """Give a new v1 cpuset cgroup its parent's cpus and mems (empty ones refuse tasks)."""
-    for name in ("cpuset.cpus", "cpuset.mems"):
-        path = os.path.join(directory, name)
-        current = _read(path)
-        if current is None or current.strip():
-            continue
-        parent = os.path.dirname(directory)
-        value = ""
-        while True:
-            value = (_read(os.path.join(parent, name)) or "").strip()
-            if value or os.path.dirname(parent) == parent:
-                break
-            parent = os.path.dirname(parent)
-        if not value:
-            continue
-        # Ancestors between the root and this one may be empty too: fill top-down.
-        chain = []
-        d = directory
-        while d != parent:
-            chain.append(d)
-            d = os.path.dirname(d)
-        for d in reversed(chain):
-            p = os.path.join(d, name)
-            if not (_read(p) or "").strip():
-                _write(p, value)
-
-
-def _write(path: str, data: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, data.encode())
-    finally:
-        os.close(fd)
-
-
-def add_process_to_cgroup(path: str, pid: int, *, mounts: Sequence[Mount] | None = None) -> None:
-    """Move ``pid`` into the cgroup ``path`` (e.g. runc options' ``shim_cgroup``).
-
-    v1 (and hybrid) hosts: the pid is written to ``cgroup.procs`` of ``path`` in
-    every mounted v1 hierarchy; v2: in the cgroup2 hierarchy. Missing
-    directories are created. Raises OSError on failure.
-    """
-    if pid <= 0:
-        raise ValueError(f"invalid pid {pid}")
-    if mounts is None:
-        mounts = read_mounts()
-    rel = path.strip("/")
-    if _is_v1(mounts):
-        targets = [(m, os.path.join(m.mountpoint, rel)) for m in _v1_hierarchies(mounts)]
-    else:
-        targets = [(m, os.path.join(m.mountpoint, rel)) for m in mounts if m.version == 2][:1]
-    if not targets:
-        raise OSError(errno.ENOENT, "no cgroup hierarchy mounted")
-    for m, d in targets:
-        os.makedirs(d, exist_ok=True)
-        if m.version == 1 and m.has("cpuset"):
-            _init_cpuset(d)
-        _write(os.path.join(d, "cgroup.procs"), str(pid))

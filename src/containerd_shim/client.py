@@ -500,7 +500,7 @@ def launch_v1(
         _write_atomic(os.path.join(config.path, "address"), address)
         _write_atomic(os.path.join(config.path, "shim.pid"), str(pid))
         if cgroup:
-            from containerd_shim.cgroups import add_process_to_cgroup
+            from containerd_shim.cgroupfs import add_process_to_cgroup
 
             add_process_to_cgroup(cgroup, pid)
         if oom_score is not None:

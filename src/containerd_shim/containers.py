@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -36,6 +35,7 @@ from containerd_shim.errors import (
     not_found,
     unimplemented,
 )
+from containerd_shim.ids import ID_RULE, MAX_ID, is_valid_id
 from containerd_shim.process import ExecProcess, InitProcess, Process, State, Stdio
 from containerd_shim.reaper import Exit, Reaper
 from containerd_shim.runc import DEFAULT_ROOT, Runc, RuncError
@@ -54,10 +54,6 @@ __all__ = [
     "write_options",
 ]
 
-# containerd's identifier rule (identifiers.Validate): alphanumerics separated by . _ -
-_ID = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
-_MAX_ID = 76
-
 OPTIONS_FILE = "options.json"
 
 
@@ -69,8 +65,8 @@ class EventSink(Protocol):
 
 def validate_id(value: str, what: str = "id") -> str:
     """Reject ids that could escape a directory or confuse runc."""
-    if not value or len(value) > _MAX_ID or not _ID.match(value):
-        raise invalid_argument(f"{what} {value!r}: must match {_ID.pattern} (at most {_MAX_ID})")
+    if not is_valid_id(value):
+        raise invalid_argument(f"{what} {value!r}: must match {ID_RULE} (at most {MAX_ID})")
     return value
 
 

@@ -16,8 +16,9 @@ daemon directly; so does any ``start`` whose zygote is gone or fails. The
 zygote exits after :data:`IDLE_SECONDS` without requests, or when its
 socket is removed or replaced.
 
-Requests (``start`` and ``delete`` are the clients): a 4-byte length, a JSON
-object ``{"op", "argv", "env", "cwd"}``, with descriptors attached
+Requests (``start`` and ``delete`` are the clients): a 4-byte length, then
+NUL-separated fields ``op, cwd, len(argv), *argv, *"KEY=VALUE" of the
+environment`` (none of which can hold a NUL), with descriptors attached
 (SCM_RIGHTS): ``serve`` passes the listener, ``delete`` its stdout and
 stderr. For ``serve`` the zygote forks a child that forks the daemon and
 exits at once (so the daemon, like a spawned one, is re-parented and is no
@@ -27,20 +28,22 @@ environment, the listener as fd 3, /dev/null as 0-2, and its command line
 (``/proc/PID/cmdline``) shows the daemon's argv. For ``delete`` the forked
 child runs the delete action and sends back its exit status (4 bytes).
 
-The zygote never starts a thread (forking a threaded process is unsafe); the
-client side of this module imports nothing heavy (``start`` uses it).
+The zygote never starts a thread (forking a threaded process is unsafe). The
+client side of this module imports almost nothing (``start`` and ``delete``
+use it, once per container, without site-packages): ``_socket`` rather than
+``socket``, no json, no contextlib.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import _socket
 import os
-import socket
 import struct
 import sys
 import time
-from collections.abc import Mapping
+
+from containerd_shim.digest import sha256
+from containerd_shim.launcher import package_root
 
 __all__ = ["IDLE_SECONDS", "enabled", "in_child", "launch", "request", "socket_path"]
 
@@ -71,24 +74,20 @@ def enabled() -> bool:
 
 
 def _fingerprint() -> str:
-    import hashlib
-    import importlib.util
-
-    h = hashlib.sha256(f"{os.getuid()}\0{sys.executable}\0{sys.version}".encode())
+    h = sha256(f"{os.getuid()}\0{sys.executable}\0{sys.version}".encode())
+    # Both packages ship in one distribution: they sit side by side.
+    root = package_root()
     for name in ("containerd_shim", "ttrpc"):
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            spec = None
-        locations = list(spec.submodule_search_locations or []) if spec else []
-        h.update(f"\0{name}={locations}".encode())
-        for top in locations:
-            for root, dirs, files in os.walk(top):
-                dirs[:] = [d for d in dirs if d != "__pycache__"]
-                for f in files:
-                    if f.endswith(".py"):
-                        with contextlib.suppress(OSError):
-                            h.update(b"%d" % os.stat(os.path.join(root, f)).st_mtime_ns)
+        top = os.path.join(root, name)
+        h.update(f"\0{name}={top}".encode())
+        for path, dirs, files in os.walk(top):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            for f in files:
+                if f.endswith(".py"):
+                    try:  # noqa: SIM105 (no contextlib in ``start``)
+                        h.update(b"%d" % os.stat(os.path.join(path, f)).st_mtime_ns)
+                    except OSError:
+                        pass
     return h.hexdigest()[:16]
 
 
@@ -99,16 +98,36 @@ def socket_path() -> str:
 # --- client side ------------------------------------------------------------------------
 
 
-def _send(sock: socket.socket, message: Mapping[str, object], fds: list[int]) -> None:
-    payload = json.dumps(message).encode()
+def encode_request(op: str, argv: list[str], env: dict[str, str], cwd: str) -> bytes:
+    fields = [op, cwd, str(len(argv)), *argv, *(f"{k}={v}" for k, v in env.items())]
+    return b"\0".join(os.fsencode(f) for f in fields)
+
+
+def decode_request(payload: bytes) -> tuple[str, list[str], dict[str, str], str]:
+    """``(op, argv, env, cwd)``; ValueError if malformed."""
+    fields = [os.fsdecode(f) for f in payload.split(b"\0")]
+    if len(fields) < 3 or not fields[2].isdigit() or len(fields) < 3 + int(fields[2]):
+        raise ValueError("malformed request")
+    op, cwd, argc = fields[0], fields[1], int(fields[2])
+    argv = fields[3 : 3 + argc]
+    env = {}
+    for item in fields[3 + argc :]:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError("malformed environment entry")
+        env[key] = value
+    return op, argv, env, cwd
+
+
+def _send(sock: _socket.socket, payload: bytes, fds: list[int]) -> None:
     data = struct.pack("!I", len(payload)) + payload
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+    ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
     sent = sock.sendmsg([data], ancillary)
     if sent < len(data):
         sock.sendall(data[sent:])
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: _socket.socket, n: int) -> bytes:
     buf = b""
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
@@ -123,17 +142,16 @@ def request(
 ) -> int | None:
     """Ask the zygote at ``path`` to run ``op``; the daemon pid (``serve``) or exit status
     (``delete``), or None if there is no working zygote (the caller falls back)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(timeout)
         try:
             sock.connect(path)
-            ucred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            ucred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
             _pid, uid, _gid = struct.unpack("3i", ucred)
             if uid != os.getuid():
                 return None
-            message = {"op": op, "argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}
-            _send(sock, message, fds)
+            _send(sock, encode_request(op, argv, dict(os.environ), os.getcwd()), fds)
             (value,) = struct.unpack("!i", _recv_exact(sock, 4))
         except (OSError, ConnectionError, ValueError):
             return None
@@ -171,6 +189,12 @@ def _preload() -> None:
     import ttrpc.blocking  # noqa: F401
 
 
+# What ``start`` and ``delete`` import (cgroupfs: only with a shim cgroup).
+_CLIENT_MODULES = (
+    "__init__", "__main__", "cgroupfs", "digest", "flags", "ids", "launcher", "manager", "zygote",
+)  # fmt: skip
+
+
 def _compile_clients() -> None:
     """Write the bytecode caches of the modules ``start`` and ``delete`` import, once.
 
@@ -183,10 +207,12 @@ def _compile_clients() -> None:
     import py_compile
 
     here = os.path.dirname(os.path.abspath(__file__))
-    for name in ("__init__", "__main__", "flags", "manager", "zygote"):
+    for name in _CLIENT_MODULES:
         source = os.path.join(here, f"{name}.py")
-        with contextlib.suppress(Exception):
+        try:
             py_compile.compile(source, cfile=importlib.util.cache_from_source(source), doraise=True)
+        except Exception:  # a read-only install: they keep compiling
+            continue
 
 
 def _argv_area() -> tuple[int, int]:
@@ -208,11 +234,14 @@ def set_cmdline(argv: list[str], area: tuple[int, int]) -> bool:
     return True
 
 
-def _recv_request(conn: socket.socket) -> tuple[dict[str, object], list[int]]:
+Request = tuple[str, list[str], dict[str, str], str]  # op, argv, env, cwd
+
+
+def _recv_request(conn: _socket.socket) -> tuple[Request, list[int]]:
     fds: list[int] = []
-    msg, ancdata, _flags, _addr = conn.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
+    msg, ancdata, _flags, _addr = conn.recvmsg(65536, _socket.CMSG_SPACE(16 * 4))
     for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             usable = len(data) - len(data) % 4
             fds += list(struct.unpack(f"{usable // 4}i", data[:usable]))
     try:
@@ -224,9 +253,7 @@ def _recv_request(conn: socket.socket) -> tuple[dict[str, object], list[int]]:
         body = msg[4:]
         if len(body) < size:
             body += _recv_exact(conn, size - len(body))
-        request = json.loads(body)
-        if not isinstance(request, dict):
-            raise ValueError("request is not an object")
+        request = decode_request(body)
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -234,15 +261,14 @@ def _recv_request(conn: socket.socket) -> tuple[dict[str, object], list[int]]:
     return request, fds
 
 
-def _become(request: dict[str, object], keep: dict[int, int]) -> list[str]:
+def _become(request: Request, keep: dict[int, int]) -> None:
     """In a forked child: take the request's environment, directory and descriptors."""
     global _IN_CHILD
     _IN_CHILD = True
-    argv = [str(a) for a in request["argv"]]  # type: ignore[attr-defined]
-    env = request["env"]
+    _op, argv, env, cwd = request
     os.environ.clear()
-    os.environ.update({str(k): str(v) for k, v in env.items()})  # type: ignore[attr-defined]
-    os.chdir(str(request["cwd"]))
+    os.environ.update(env)
+    os.chdir(cwd)
     devnull = os.open(os.devnull, os.O_RDWR)
     targets = {0: devnull, 1: devnull, 2: devnull, **keep}
     # Move sources out of the way of the targets first (a source may sit on a target number).
@@ -251,7 +277,6 @@ def _become(request: dict[str, object], keep: dict[int, int]) -> list[str]:
         os.dup2(source, target)
     os.closerange(max(targets) + 1, 1 << 16)
     sys.argv = ["containerd-shim-pyrunc-v2", *_action_args(argv)]
-    return argv
 
 
 def _run_main(args: list[str]) -> int:
@@ -267,9 +292,11 @@ def _run_main(args: list[str]) -> int:
         traceback.print_exc()
         return 1
     finally:
-        with contextlib.suppress(Exception):
+        try:
             sys.stdout.flush()
             sys.stderr.flush()
+        except Exception:  # stdout may be a closed pipe
+            pass
 
 
 def _action_args(argv: list[str]) -> list[str]:
@@ -280,49 +307,47 @@ def _action_args(argv: list[str]) -> list[str]:
     return argv[1:]
 
 
-def _serve_child(conn: socket.socket, request: dict[str, object], fds: list[int]) -> None:
+def _serve_child(conn: _socket.socket, request: Request, fds: list[int]) -> None:
     """The forked intermediate: fork the daemon, report its pid, exit."""
     area = _argv_area()
     pid = os.fork()
     if pid:
-        with contextlib.suppress(OSError):
+        try:
             conn.sendall(struct.pack("!i", pid))
-        os._exit(0)
+        finally:
+            os._exit(0)
     code = 1
     try:
         os.setsid()
-        argv = [str(a) for a in request["argv"]]  # type: ignore[attr-defined]
+        argv = request[1]
         set_cmdline(argv, area)
-        conn_fd = conn.detach()
-        os.close(conn_fd)
+        os.close(conn.detach())
         _become(request, {3: fds[0]})
         code = _run_main(_action_args(argv))
     finally:
         os._exit(code)
 
 
-def _delete_child(conn: socket.socket, request: dict[str, object], fds: list[int]) -> None:
+def _delete_child(conn: _socket.socket, request: Request, fds: list[int]) -> None:
     code = 1
     try:
-        argv = [str(a) for a in request["argv"]]  # type: ignore[attr-defined]
         conn_fd = os.dup(conn.fileno())
         _become(request, {1: fds[0], 2: fds[1], 3: conn_fd})
-        code = _run_main(_action_args(argv))
+        code = _run_main(_action_args(request[1]))
         os.write(3, struct.pack("!i", code))
     finally:
         os._exit(code)
 
 
-def _handle(conn: socket.socket, area: tuple[int, int]) -> None:
-    ucred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+def _handle(conn: _socket.socket, area: tuple[int, int]) -> None:
+    ucred = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
     if struct.unpack("3i", ucred)[1] != os.getuid():
         return
     conn.settimeout(5)
     request, fds = _recv_request(conn)
     try:
-        op = request.get("op")
-        argv = request.get("argv")
-        if not isinstance(argv, list) or op not in ("serve", "delete"):
+        op, argv = request[0], request[1]
+        if op not in ("serve", "delete"):
             return
         if op == "serve" and (len(fds) != 1 or not _fits(argv, area)):
             conn.sendall(struct.pack("!i", -1))
@@ -346,21 +371,25 @@ def _handle(conn: socket.socket, area: tuple[int, int]) -> None:
             os.close(fd)
 
 
-def _fits(argv: list[object], area: tuple[int, int]) -> bool:
-    return sum(len(str(a).encode()) + 1 for a in argv) <= area[1] - area[0]
+def _fits(argv: list[str], area: tuple[int, int]) -> bool:
+    return sum(len(os.fsencode(a)) + 1 for a in argv) <= area[1] - area[0]
 
 
 def _reap() -> None:
-    with contextlib.suppress(ChildProcessError):
+    try:
         while os.waitpid(-1, os.WNOHANG)[0] > 0:
             pass
+    except ChildProcessError:
+        pass
 
 
 def run(path: str) -> int:
     """The zygote's main loop (``python -m containerd_shim.zygote PATH``)."""
+    import contextlib
     import fcntl
     import gc
     import selectors
+    import socket
 
     os.chdir("/")
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from containerd_shim import launcher
+
 CONTAINERD = shutil.which("containerd") or "/usr/bin/containerd"
 CTR = shutil.which("ctr") or "/usr/bin/ctr"
 RUNC = shutil.which("runc") or "/usr/sbin/runc"
@@ -80,8 +82,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 """
 
 
-def pyrunc_wrapper(module: str = "containerd_shim") -> str:
-    src = REPO / "src"
+def pyrunc_wrapper(module: str) -> str:
+    """This checkout's shim as a binary: the v2 one through the package's fast launcher
+    (what an install uses), the v1 daemon as ``python -m``. PYTHONPATH is for the
+    processes they start (daemon, zygote)."""
+    src = str(REPO / "src")
+    if module == "containerd_shim":
+        return launcher.script(path_entry=src, env={"PYTHONPATH": src})
     return (
         "#!/bin/sh\n"
         f'PYTHONPATH="{src}${{PYTHONPATH:+:$PYTHONPATH}}"\n'

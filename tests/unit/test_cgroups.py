@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from containerd_shim import cgroupfs
 from containerd_shim import cgroups as cg
 from containerd_shim.api.cgroups.stats.v1 import metrics_pb2 as v1pb
 from containerd_shim.api.cgroups.v2.stats import metrics_pb2 as v2pb
@@ -157,9 +158,9 @@ def test_parse_mountinfo_hybrid() -> None:
     assert mounts[0].has("cpu") and mounts[0].has("cpuacct") and mounts[0].version == 1
     assert mounts[3].has("name=systemd")
     assert mounts[4].version == 2
-    assert cg._is_v1(mounts)
+    assert cgroupfs.is_v1(mounts)
     # One per hierarchy: the bind mount of the memory hierarchy and the v2 mount are skipped.
-    assert [m.mountpoint for m in cg._v1_hierarchies(mounts)] == [
+    assert [m.mountpoint for m in cgroupfs.v1_hierarchies(mounts)] == [
         "/sys/fs/cgroup/cpu,cpuacct",
         "/sys/fs/cgroup/memory",
         "/sys/fs/cgroup/systemd",
@@ -169,10 +170,10 @@ def test_parse_mountinfo_hybrid() -> None:
 def test_parse_mountinfo_pure_v2() -> None:
     mounts = cg.parse_mountinfo(MOUNTINFO_V2)
     assert mounts == [cg.Mount("/sys/fs/cgroup", "/", 2, frozenset(), "0:26")]
-    assert not cg._is_v1(mounts)
+    assert not cgroupfs.is_v1(mounts)
     # Only a named v1 hierarchy (no controllers) is not "v1" either.
     named = cg.Mount("/sys/fs/cgroup/systemd", "/", 1, frozenset({"rw", "name=systemd"}))
-    assert not cg._is_v1([named, *mounts])
+    assert not cgroupfs.is_v1([named, *mounts])
 
 
 def test_parse_proc_cgroup() -> None:
@@ -191,10 +192,10 @@ def test_parse_proc_cgroup() -> None:
 
 def test_under_strips_mount_root() -> None:
     m = cg.Mount("/sys/fs/cgroup/memory", "/outer", 1, frozenset({"memory"}))
-    assert cg._under(m, "/outer/ctr") == "/sys/fs/cgroup/memory/ctr"
-    assert cg._under(m, "/outer") == "/sys/fs/cgroup/memory/"
+    assert cgroupfs.under(m, "/outer/ctr") == "/sys/fs/cgroup/memory/ctr"
+    assert cgroupfs.under(m, "/outer") == "/sys/fs/cgroup/memory/"
     root = cg.Mount("/sys/fs/cgroup", "/", 2)
-    assert cg._under(root, "/a/b") == "/sys/fs/cgroup/a/b"
+    assert cgroupfs.under(root, "/a/b") == "/sys/fs/cgroup/a/b"
 
 
 def test_parse_blkio_and_io_stat() -> None:
@@ -531,10 +532,10 @@ def own_cgroup(mount: cg.Mount) -> str:
     """This process's cgroup directory in ``mount``'s hierarchy."""
     v1, unified = cg.parse_proc_cgroup(Path("/proc/self/cgroup").read_text())
     if mount.version == 2:
-        return cg._under(mount, unified or "/")
+        return cgroupfs.under(mount, unified or "/")
     for name in mount.options:
         if name in v1:
-            return cg._under(mount, v1[name])
+            return cgroupfs.under(mount, v1[name])
     return mount.mountpoint
 
 
@@ -788,7 +789,7 @@ def test_add_process_to_cgroup_real(spawn: Callable[[], Child]) -> None:
     top = unique("add")
     child = spawn()
     assert child.command("hello") == "ok hello"
-    hierarchies = cg._v1_hierarchies(HOST_MOUNTS)
+    hierarchies = cgroupfs.v1_hierarchies(HOST_MOUNTS)
     try:
         cg.add_process_to_cgroup(f"/{top}/shim", child.pid)
         v1, _ = cg.parse_proc_cgroup(Path(f"/proc/{child.pid}/cgroup").read_text())
@@ -806,7 +807,7 @@ def test_add_process_to_cgroup_real(spawn: Callable[[], Child]) -> None:
 
 
 def test_read_errors_other_than_missing_propagate(tmp_path: Path) -> None:
-    assert cg._read(str(tmp_path / "missing")) is None
+    assert cgroupfs.read_text(str(tmp_path / "missing")) is None
     with pytest.raises(OSError) as ei:
-        cg._read(str(tmp_path))  # a directory
+        cgroupfs.read_text(str(tmp_path))  # a directory
     assert ei.value.errno == errno.EISDIR

@@ -126,7 +126,9 @@ def test_socket_address_is_containerds() -> None:
     )
 
 
-@pytest.mark.parametrize("bad", ["", "../x", "a/b", "a..b", "-a", "a" * 77, "x y", "a\0b"])
+@pytest.mark.parametrize(
+    "bad", ["", "../x", "a/b", "a..b", "-a", "a-", "a" * 77, "x y", "a\0b", "a\n", "é", "a٣"]
+)
 def test_ids_are_validated(bad: str) -> None:
     with pytest.raises(RpcError) as err:
         validate_id(bad)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from google.protobuf.any_pb2 import Any
 
-from containerd_shim import manager, zygote
+from containerd_shim import launcher, manager, zygote
 from containerd_shim.api.runtime.v2.runc.options.oci_pb2 import Options
+from containerd_shim.api.runtime.v2.task.shim_pb2 import DeleteResponse
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -39,6 +40,72 @@ def test_start_path_imports_no_protobuf_or_ttrpc() -> None:
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_start_path_stays_lean_without_site() -> None:
+    """What ``start`` and ``delete`` import under the fast launcher: none of the
+    modules that cost milliseconds each (json/re, socket/enum/selectors, typing,
+    hashlib/OpenSSL, dataclasses/inspect, contextlib, importlib.util)."""
+    code = (
+        f"import sys; sys.path.append({SRC!r})\n"
+        "before = set(sys.modules)\n"
+        "import containerd_shim.__main__, containerd_shim.manager, containerd_shim.zygote\n"
+        "containerd_shim.zygote.socket_path()\n"
+        "containerd_shim.manager.socket_address('/run/c.sock', 'ns', 'id')\n"
+        "print(' '.join(sorted(set(sys.modules) - before)))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    loaded = set(res.stdout.split())
+    costly = {"json", "re", "socket", "enum", "selectors", "typing", "hashlib", "_hashlib"}
+    costly |= {"dataclasses", "inspect", "contextlib", "importlib.util", "argparse", "shlex"}
+    assert loaded & costly == set()
+    assert {"containerd_shim.manager", "containerd_shim.zygote"} <= loaded
+
+
+def test_zygote_request_encoding_round_trips() -> None:
+    argv = ["/usr/bin/python3", "-m", "containerd_shim", "-id", "a b", "\udcff-not-utf8"]
+    env = {"PATH": "/bin", "EMPTY": "", "EQ": "a=b=c"}
+    payload = zygote.encode_request("serve", argv, env, "/run/x")
+    assert zygote.decode_request(payload) == ("serve", argv, env, "/run/x")
+    for bad in [b"", b"serve\0/", b"serve\0/\0x", b"serve\0/\x003\0a", b"serve\0/\x000\0NOEQUALS"]:
+        with pytest.raises(ValueError):
+            zygote.decode_request(bad)
+
+
+def test_launcher_runs_the_shim_without_site(tmp_path: Path) -> None:
+    path = launcher.install(str(tmp_path))
+    assert os.stat(path).st_mode & 0o777 == 0o755
+    text = Path(path).read_text()
+    assert text.startswith("#!/bin/sh\n") and " -I -S -c " in text
+    res = subprocess.run([path, "-v"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == "containerd-shim-pyrunc-v2:"
+    assert "io.containerd.pyrunc.v2" in res.stdout
+
+
+def test_launcher_delete_without_a_zygote_uses_the_full_interpreter(tmp_path: Path) -> None:
+    """A ``delete`` the zygote cannot serve needs protobuf (site-packages): the
+    launched ``-S`` interpreter re-executes itself as the full shim."""
+    path = launcher.script(path_entry=SRC, env={"PYTHONPATH": SRC})
+    binary = tmp_path / "containerd-shim-pyrunc-v2"
+    binary.write_text(path)
+    binary.chmod(0o755)
+    bundle = tmp_path / "ns" / "c1"
+    bundle.mkdir(parents=True)
+    argv = [str(binary), "-namespace", "ns", "-address", str(tmp_path / "c.sock"), "-id", "c1"]
+    res = subprocess.run(
+        [*argv, "delete"],
+        cwd=bundle,
+        env={**os.environ, "PYRUNC_ZYGOTE": "0"},
+        capture_output=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    response = DeleteResponse.FromString(res.stdout)
+    assert response.exit_status == 137 and response.exited_at.seconds > 0
 
 
 @pytest.mark.parametrize("cgroup", ["", "/pyrunc/shims", "x" * 300])
