@@ -31,6 +31,8 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Protocol
 
+from ttrpc.protocol import read_buffer
+
 __all__ = ["NoTerminalError", "ProcessIO", "Spawn", "StdioError"]
 
 log = logging.getLogger("containerd_shim")
@@ -297,13 +299,12 @@ class _Copier:
         # between two reads (which matters when two streams share a file).
         with contextlib.suppress(OSError):  # not a pipe
             size = max(size, fcntl.fcntl(src, fcntl.F_GETPIPE_SZ))
-        buf = bytearray(size)
-        view = memoryview(buf)
+        view = read_buffer(size)  # pages faulted in only as output fills them
         while True:
             if self._stop.is_set():
                 raise _Stop
             try:
-                n = os.readv(src, [buf])
+                n = os.readv(src, [view])
             except BlockingIOError:
                 self._wait_for(src, select.POLLIN)
                 continue
@@ -316,7 +317,7 @@ class _Copier:
             if dst_ok:
                 try:
                     self._write_all(dst, view[:n])
-                    self._last_byte = buf[n - 1]
+                    self._last_byte = view[n - 1]
                 except OSError as exc:
                     dst_ok = self._destination_failed(exc)
 

@@ -42,12 +42,28 @@ __all__ = [
     "StreamMessage",
     "StreamReset",
     "encode_frame",
+    "read_buffer",
 ]
 
 HEADER_LENGTH = 10
 MAX_MESSAGE_LENGTH = 4 << 20
 #: Bytes a driver reads from the socket at once (into a buffer it keeps).
 READ_SIZE = 64 * 1024
+
+
+def read_buffer(size: int = READ_SIZE) -> memoryview:
+    """A writable, zeroed buffer to read into, kept for a connection's life.
+
+    An anonymous mapping rather than a ``bytearray``: its pages are only faulted
+    in when a read reaches them, so a connection that carries small messages
+    holds a page or two, not ``size`` bytes (``bytearray`` zero-fills, touching
+    them all; with many idle connections, or one per shim, that adds up).
+    """
+    import mmap
+
+    return memoryview(mmap.mmap(-1, size))
+
+
 #: The length field is 32 bits, but the first byte must stay zero so peers
 #: can tell a ttrpc frame from other traffic; no limit may go beyond this.
 PROTOCOL_MAX_MESSAGE_LENGTH = (1 << 24) - 1

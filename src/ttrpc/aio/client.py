@@ -37,7 +37,6 @@ from ttrpc.context import Context
 from ttrpc.interceptors import CallInfo, Interceptor, chain_unary, check_interceptors
 from ttrpc.protocol import (
     MAX_MESSAGE_LENGTH,
-    READ_SIZE,
     STREAM_BUFFER_SIZE,
     Buffer,
     CallFailed,
@@ -45,6 +44,7 @@ from ttrpc.protocol import (
     ResponseReceived,
     StreamEnded,
     StreamMessage,
+    read_buffer,
 )
 from ttrpc.status import Code, ConnectionClosed, RpcError
 from ttrpc.ttrpc_pb2 import Response
@@ -72,7 +72,7 @@ class _ClientProtocol(asyncio.BufferedProtocol):
     # Reading into one kept buffer spares a fresh allocation (and its page faults) per read.
     def __init__(self, client: Client) -> None:
         self._client = client
-        self._view = memoryview(bytearray(READ_SIZE))
+        self._view = read_buffer()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._view

@@ -20,13 +20,13 @@ from ttrpc.interceptors import CallInfo, Interceptor, check_interceptors
 from ttrpc.protocol import (
     FLAG_REMOTE_OPEN,
     MAX_MESSAGE_LENGTH,
-    READ_SIZE,
     STREAM_BUFFER_SIZE,
     RequestReceived,
     ServerConnection,
     StreamEnded,
     StreamMessage,
     StreamReset,
+    read_buffer,
 )
 from ttrpc.service import Method, Service, ServiceProvider, ServiceRegistry, encode_result
 from ttrpc.status import Code, RpcError, status_from_exception
@@ -49,7 +49,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._server = server
         self._loop = asyncio.get_running_loop()
         # Reading into one kept buffer spares a fresh allocation (and its page faults) per read.
-        self._view = memoryview(bytearray(READ_SIZE))
+        self._view = read_buffer()
         self._conn = ServerConnection(server.max_message_length, server.stream_buffer_size)
         self._transport: asyncio.Transport | None = None
         self._peer: PeerCredentials | None = None

@@ -42,13 +42,13 @@ from ttrpc.context import Context
 from ttrpc.interceptors import CallInfo, Interceptor, chain_unary, check_interceptors
 from ttrpc.protocol import (
     MAX_MESSAGE_LENGTH,
-    READ_SIZE,
     STREAM_BUFFER_SIZE,
     CallFailed,
     ClientConnection,
     ResponseReceived,
     StreamEnded,
     StreamMessage,
+    read_buffer,
 )
 from ttrpc.status import Code, ConnectionClosed, RpcError
 from ttrpc.ttrpc_pb2 import Response
@@ -105,7 +105,7 @@ class Client:
         self._poll.register(sock.fileno(), select.POLLIN)
         self._conn = ClientConnection(max_message_length, stream_buffer_size)
         # Reading into one kept buffer spares a fresh allocation (and its page faults) per read.
-        self._view = memoryview(bytearray(READ_SIZE))
+        self._view = read_buffer()
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._drained = threading.Condition(self._lock)

@@ -23,13 +23,13 @@ from ttrpc.interceptors import CallInfo, Interceptor, check_interceptors
 from ttrpc.protocol import (
     FLAG_REMOTE_OPEN,
     MAX_MESSAGE_LENGTH,
-    READ_SIZE,
     STREAM_BUFFER_SIZE,
     RequestReceived,
     ServerConnection,
     StreamEnded,
     StreamMessage,
     StreamReset,
+    read_buffer,
 )
 from ttrpc.service import Method, Service, ServiceProvider, ServiceRegistry, encode_result
 from ttrpc.status import Code, RpcError, status_from_exception
@@ -113,7 +113,7 @@ class _Connection:
         conn = self._conn
         registry = self._server._registry
         # Reading into one kept buffer spares a fresh allocation (and its page faults) per read.
-        view = memoryview(bytearray(READ_SIZE))
+        view = read_buffer()
         try:
             while True:
                 if conn.backlogged:
