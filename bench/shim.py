@@ -5,10 +5,12 @@
 For each runtime (Go's io.containerd.runc.v2 and our io.containerd.pyrunc.v2)
 it starts N detached containers, reads every shim's /proc/PID/smaps_rollup
 (RSS, PSS, Private_Clean + Private_Dirty, plus the shim's descendants other
-than the containers themselves), then times `ctr run --rm /bin/true`. For our
-runtime it also reads the per-host zygote that forks the shims (see
-containerd_shim/zygote.py) and charges each container its share
-(zygote PSS / N) in the "per container" column.
+than the containers themselves); then the same with all N in one shim group
+(the io.containerd.runc.v2.group annotation); then times `ctr run --rm
+/bin/true`, the runtimes taking turns. For our runtime it also reads the
+per-host zygote that forks the shims (see containerd_shim/zygote.py) and
+charges each container its share (zygote PSS / N) in the "per container"
+column.
 Needs root, containerd, runc and busybox (scripts/setup installs them).
 """
 
@@ -58,36 +60,52 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def measure_runtime(cd: Containerd, rootfs: Path, runtime: str, count: int, runs: int) -> dict:
-    short = runtime.split(".")[2]
-    ids = [cd.track(f"mem-{short}-{i}") for i in range(count)]
+def run_detached(
+    cd: Containerd, rootfs: Path, runtime: str, ids: list[str], group: str | None
+) -> None:
     for cid in ids:
-        res = cd.ctr(
-            "run",
-            "--runtime",
-            runtime,
-            "-d",
-            "--rootfs",
-            str(rootfs),
-            cid,
-            "/bin/sleep",
-            "600",
-            timeout=60,
-        )
+        argv = ["run", "--runtime", runtime, "-d"]
+        if group:
+            argv += ["--annotation", f"io.containerd.runc.v2.group={group}"]
+        res = cd.ctr(*argv, "--rootfs", str(rootfs), cid, "/bin/sleep", "600", timeout=60)
         if res.returncode != 0:
             raise SystemExit(cd.explain(res, f"{runtime}: run -d failed"))
-    tasks = cd.tasks()
-    shims: list[dict[str, float]] = []
-    extra: list[dict[str, float]] = []
+
+
+def remove(cd: Containerd, ids: list[str]) -> None:
     for cid in ids:
+        cd.ctr("task", "kill", "-s", "SIGKILL", cid)
+    for cid in ids:
+        cd.wait_status(cid, ["STOPPED"], timeout=60)
+        cd.ctr("task", "delete", cid)
+        cd.ctr("container", "delete", cid)
+
+
+def measure_memory(
+    cd: Containerd, rootfs: Path, runtime: str, count: int, grouped: bool = False
+) -> dict:
+    """Memory of the shims of ``count`` running containers: one shim each, or (``grouped``)
+    one shim for all of them (the runc.v2 group annotation)."""
+    short = runtime.split(".")[2]
+    tag = "grp" if grouped else "mem"
+    ids = [cd.track(f"{tag}-{short}-{i}") for i in range(count)]
+    run_detached(cd, rootfs, runtime, ids, f"{tag}-{short}" if grouped else None)
+    tasks = cd.tasks()
+    shims: dict[int, dict[str, float]] = {}
+    extra: dict[int, dict[str, float]] = {}
+    if grouped:  # one shim, named after the group's first container
+        addresses = {(cd.bundle(cid) / "address").read_text() for cid in ids}
+        if len(addresses) != 1:
+            raise SystemExit(f"{runtime}: grouped containers have {len(addresses)} shims")
+    containers = {t.pid for t in tasks.values()}
+    for cid in ids[:1] if grouped else ids:
         pids = cd.shim_pids(cid)
         if not pids:
             raise SystemExit(f"{runtime}: no shim found for {cid}")
-        shims.append(smaps(pids[0]))
-        container_pid = tasks[cid].pid if cid in tasks else 0
-        # Anything else the shim keeps alive (loggers, helpers), not the container itself.
-        kept = [p for p in children(pids[0]) if p != container_pid]
-        extra.append({k: sum(smaps(p)[k] for p in kept) for k in ("rss", "pss", "private")})
+        shims[pids[0]] = smaps(pids[0])
+        # Anything else the shim keeps alive (loggers, helpers), not the containers.
+        kept = [p for p in children(pids[0]) if p not in containers]
+        extra[pids[0]] = {k: sum(smaps(p)[k] for p in kept) for k in ("rss", "pss", "private")}
     zygote_mem = {"rss": 0.0, "pss": 0.0, "private": 0.0}
     if "pyrunc" in runtime:
         from containerd_shim import zygote
@@ -96,48 +114,49 @@ def measure_runtime(cd: Containerd, rootfs: Path, runtime: str, count: int, runs
             zygote_mem = smaps(int(Path(zygote.socket_path() + ".pid").read_text()))
         except (OSError, ValueError):
             print("no zygote found", file=sys.stderr)
-    for cid in ids:
-        cd.ctr("task", "kill", "-s", "SIGKILL", cid)
-    for cid in ids:
-        cd.wait_status(cid, ["STOPPED"], timeout=60)
-        cd.ctr("task", "delete", cid)
-        cd.ctr("container", "delete", cid)
-    times = []
-    for i in range(runs):
-        start = time.monotonic()
-        res = cd.ctr(
-            "run",
-            "--runtime",
-            runtime,
-            "--rm",
-            "--rootfs",
-            str(rootfs),
-            cd.track(f"true-{short}-{i}"),
-            "/bin/true",
-            timeout=60,
-        )
-        times.append(time.monotonic() - start)
-        if res.returncode != 0:
-            raise SystemExit(cd.explain(res, f"{runtime}: run --rm failed"))
+    remove(cd, ids)
 
-    def mean(rows: list[dict[str, float]], key: str) -> float:
-        return statistics.mean(r[key] for r in rows)
+    def mean(rows: dict[int, dict[str, float]], key: str) -> float:
+        return statistics.mean(r[key] for r in rows.values())
 
     return {
         "runtime": runtime,
         "containers": count,
+        "shims": len(shims),
         "shim": {k: mean(shims, k) for k in ("rss", "pss", "private")},
         "kept_alive": {k: mean(extra, k) for k in ("rss", "pss", "private")},
         "zygote": zygote_mem,
-        "run_rm_ms": {
-            "median": statistics.median(times) * 1000,
-            "min": min(times) * 1000,
-            "runs": runs,
-        },
     }
 
 
-def report(results: list[dict]) -> str:
+def measure_times(cd: Containerd, rootfs: Path, runtimes: list[str], runs: int) -> dict:
+    """``ctr run --rm /bin/true`` per runtime, the runtimes taking turns (a load that
+    comes and goes on the machine hits them alike); one untimed run each first."""
+    times: dict[str, list[float]] = {rt: [] for rt in runtimes}
+    for i in range(-1, runs):
+        for runtime in runtimes:
+            cid = cd.track(f"true-{runtime.split('.')[2]}-{i + 1}")
+            start = time.monotonic()
+            res = cd.ctr("run", "--runtime", runtime, "--rm", "--rootfs", str(rootfs), cid,
+                         "/bin/true", timeout=60)  # fmt: skip
+            elapsed = time.monotonic() - start
+            if res.returncode != 0:
+                raise SystemExit(cd.explain(res, f"{runtime}: run --rm failed"))
+            if i >= 0:
+                times[runtime].append(elapsed)
+    return {
+        rt: {"median": statistics.median(t) * 1000, "min": min(t) * 1000, "runs": runs}
+        for rt, t in times.items()
+    }
+
+
+def per_container(r: dict) -> float:
+    """The shims' PSS (and what they keep alive) per container, plus its share of the zygote."""
+    shims = r["shims"] * (r["shim"]["pss"] + r["kept_alive"]["pss"])
+    return float((shims + r["zygote"]["pss"]) / r["containers"])
+
+
+def report(results: list[dict], times: dict) -> str:
     go = results[0]
     lines = [
         "| runtime | shim RSS | shim PSS | shim private | + kept alive (PSS) | zygote PSS "
@@ -145,20 +164,31 @@ def report(results: list[dict]) -> str:
         "| time vs Go |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-
-    def per_container(r: dict) -> float:
-        return float(
-            r["shim"]["pss"] + r["kept_alive"]["pss"] + r["zygote"]["pss"] / r["containers"]
-        )
-
     for r in results:
-        s, k, z, t = r["shim"], r["kept_alive"], r["zygote"], r["run_rm_ms"]
+        s, k, z, t = r["shim"], r["kept_alive"], r["zygote"], times[r["runtime"]]
         lines.append(
             f"| {r['runtime']} | {s['rss']:.1f} MiB | {s['pss']:.1f} MiB | {s['private']:.1f} MiB"
             f" | {k['pss']:.1f} MiB | {z['pss']:.1f} MiB | {per_container(r):.1f} MiB"
             f" | {t['median']:.0f} ms ({t['min']:.0f}) "
             f"| {per_container(r) / per_container(go):.2f}x "
-            f"| {t['median'] / go['run_rm_ms']['median']:.2f}x |"
+            f"| {t['median'] / times[go['runtime']]['median']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def report_grouped(results: list[dict]) -> str:
+    go = results[0]
+    lines = [
+        "| runtime (all containers in one group) | shims | shim PSS | shim private | zygote PSS "
+        "| per container PSS | vs Go |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        s, z = r["shim"], r["zygote"]
+        lines.append(
+            f"| {r['runtime']} | {r['shims']} | {s['pss']:.1f} MiB | {s['private']:.1f} MiB"
+            f" | {z['pss']:.1f} MiB | {per_container(r):.2f} MiB"
+            f" | {per_container(r) / per_container(go):.2f}x |"
         )
     return "\n".join(lines)
 
@@ -176,16 +206,22 @@ def main() -> int:
     try:
         rootfs = build_rootfs(cd.tmp / "rootfs")
         cd.start()
-        results = []
+        results, grouped = [], []
         for runtime in RUNTIMES:
             print(f"measuring {runtime} ...", file=sys.stderr)
-            results.append(measure_runtime(cd, rootfs, runtime, args.containers, args.runs))
+            results.append(measure_memory(cd, rootfs, runtime, args.containers))
+            grouped.append(measure_memory(cd, rootfs, runtime, args.containers, grouped=True))
+        print("timing ctr run --rm ...", file=sys.stderr)
+        times = measure_times(cd, rootfs, RUNTIMES, args.runs)
     finally:
         cd.cleanup()
     print(f"{args.containers} containers running per runtime, {args.runs} timed runs each\n")
-    print(report(results))
+    print(report(results, times))
+    print(f"\nShim grouping: {args.containers} containers sharing one shim\n")
+    print(report_grouped(grouped))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        data = {"one_shim_each": results, "grouped": grouped, "run_rm_ms": times}
+        Path(args.json).write_text(json.dumps(data, indent=2))
     return 0
 
 
