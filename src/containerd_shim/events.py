@@ -5,7 +5,10 @@ Events go to containerd's ttrpc socket (``TTRPC_ADDRESS``) with
 in order, from a single thread. The queue is bounded: when containerd is
 away for long, the oldest events are dropped (with a log line) rather than
 blocking the shim or growing without limit. Failed sends are retried with
-backoff, so a containerd restart loses nothing the queue could hold.
+backoff (:data:`MAX_ATTEMPTS` over about 7 s per event, counted from when it
+reaches the head of the queue), so a containerd restart loses nothing the queue
+could hold. The bound is :data:`QUEUE_LIMIT` events; the shim daemons read
+``PYRUNC_EVENT_QUEUE_LIMIT`` (a positive integer) at start to change it.
 
 The v1 shim publishes the same way through a binary instead
 (:class:`BinaryPublisher`: ``containerd --address A publish --topic T
@@ -30,22 +33,41 @@ from google.protobuf.timestamp_pb2 import Timestamp
 import ttrpc.blocking
 from containerd_shim.api.services.ttrpc.events.v1.events_pb2 import Envelope, ForwardRequest
 from containerd_shim.api.services.ttrpc.events.v1.events_ttrpc import EventsBlockingClient
-from ttrpc import Context, RpcError
+from ttrpc import ConnectionClosed, Context, RpcError
 
 if TYPE_CHECKING:
     from containerd_shim.reaper import Reaper
 
 log = logging.getLogger("containerd_shim")
 
-__all__ = ["BinaryPublisher", "PublishError", "Publisher", "any_of"]
+__all__ = ["BinaryPublisher", "PublishError", "Publisher", "any_of", "queue_limit_from_env"]
 
 QUEUE_LIMIT = 1024
+QUEUE_LIMIT_ENV = "PYRUNC_EVENT_QUEUE_LIMIT"
 SEND_TIMEOUT = 5.0
 MAX_ATTEMPTS = 8
 
 
 class PublishError(Exception):
     """One attempt to deliver an event failed."""
+
+
+def queue_limit_from_env() -> int:
+    """The event queue's bound: ``PYRUNC_EVENT_QUEUE_LIMIT`` if set to a positive integer
+    (anything else is logged and ignored), else :data:`QUEUE_LIMIT`."""
+    value = os.environ.get(QUEUE_LIMIT_ENV, "").strip()
+    if not value:
+        return QUEUE_LIMIT
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        log.warning(
+            "%s=%r is not a positive integer: using %d", QUEUE_LIMIT_ENV, value, QUEUE_LIMIT
+        )
+        return QUEUE_LIMIT
+    return limit
 
 
 def any_of(message: Message) -> Any:
@@ -120,11 +142,17 @@ class Publisher:
 
     def _deliver(self, envelope: Envelope) -> None:
         """Send one event (one attempt); raise on failure."""
-        if self._conn is None or self._conn.closed:
-            self._conn = ttrpc.blocking.connect(self.address, timeout=SEND_TIMEOUT)
-        EventsBlockingClient(self._conn).Forward(
-            ForwardRequest(envelope=envelope), Context(timeout=SEND_TIMEOUT)
-        )
+        request = ForwardRequest(envelope=envelope)
+        if self._conn is not None and not self._conn.closed:
+            try:
+                EventsBlockingClient(self._conn).Forward(request, Context(timeout=SEND_TIMEOUT))
+                return
+            except ConnectionClosed:
+                # containerd went away since the last event (a restart): dial it again at
+                # once, as Go's publisher does, rather than count a failed attempt.
+                self._conn.close()
+        self._conn = ttrpc.blocking.connect(self.address, timeout=SEND_TIMEOUT)
+        EventsBlockingClient(self._conn).Forward(request, Context(timeout=SEND_TIMEOUT))
 
     def _send(self, envelope: Envelope) -> None:
         delay = 0.1
@@ -142,6 +170,9 @@ class Publisher:
                         return
                 time.sleep(delay)  # backoff between retries, not synchronisation
                 delay = min(delay * 2, 2.0)
+                with self._cond:
+                    if not self._queue or self._queue[0] is not envelope:
+                        return  # pushed out of the full queue meanwhile (and logged): dropped
         log.error("dropping event %s after %d attempts", envelope.topic, MAX_ATTEMPTS)
 
 

@@ -138,7 +138,7 @@ def serve(flags: Flags) -> int:
     """Run the daemon until Shutdown or SIGTERM; the listener is fd 3 (or ``-socket``)."""
     import ttrpc
     import ttrpc.blocking
-    from containerd_shim.events import Publisher
+    from containerd_shim.events import Publisher, queue_limit_from_env
     from containerd_shim.reaper import Reaper
     from containerd_shim.service import TaskService
 
@@ -152,7 +152,9 @@ def serve(flags: Flags) -> int:
 
     reaper = Reaper()
     reaper.start()
-    publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
+    publisher = Publisher(
+        os.environ.get("TTRPC_ADDRESS", ""), flags.namespace, queue_limit=queue_limit_from_env()
+    )
 
     make_io = io_factory(reaper)
 

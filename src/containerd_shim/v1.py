@@ -368,7 +368,7 @@ def _setup_logging(flags: Flags) -> None:
 def serve(flags: Flags) -> int:
     """Serve the v1 Shim API on fd 3 (or ``-socket``) until SIGTERM or SIGINT."""
     import ttrpc.blocking
-    from containerd_shim.events import BinaryPublisher
+    from containerd_shim.events import BinaryPublisher, queue_limit_from_env
     from containerd_shim.serve import StopRequest, io_factory, set_subreaper
 
     if not flags.namespace:
@@ -382,7 +382,11 @@ def serve(flags: Flags) -> int:
     reaper = Reaper()
     reaper.start()
     publisher = BinaryPublisher(
-        flags.containerd_binary or "containerd", flags.address, flags.namespace, reaper
+        flags.containerd_binary or "containerd",
+        flags.address,
+        flags.namespace,
+        reaper,
+        queue_limit=queue_limit_from_env(),
     )
     config = ShimConfig(
         path=os.getcwd(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,6 +36,9 @@ GO_V1_SHIM = shutil.which("containerd-shim") or "/usr/bin/containerd-shim"
 V1_RUNTIME = "io.containerd.runtime.v1.linux"
 
 T = TypeVar("T")
+
+# key=value and key="quoted value" fields of a logrus text line.
+_LOG_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 
 
 class E2EError(AssertionError):
@@ -203,6 +207,8 @@ class Containerd:
     # (namespace, id) pairs whose shim sockets we may have to clean up.
     known_ids: set[tuple[str, str]] = field(default_factory=set, init=False)
     starts: int = field(default=0, init=False)
+    # Added to containerd's environment (and so to every shim it starts) and to ctr's.
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.log_path = self.tmp / "containerd.log"
@@ -246,11 +252,18 @@ class Containerd:
 
     # --- lifecycle ----------------------------------------------------------------------
     @classmethod
-    def create(cls, namespace: str, *, v1_shim: str | None = None) -> Containerd:
+    def create(
+        cls,
+        namespace: str,
+        *,
+        v1_shim: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> Containerd:
         """A containerd in a new temp dir; ``v1_shim`` (a path, or "pyrunc" for ours) is the
-        shim of its v1 runtime (default: containerd's own choice, Go's ``containerd-shim``)."""
+        shim of its v1 runtime (default: containerd's own choice, Go's ``containerd-shim``);
+        ``extra_env`` goes into containerd's environment, which its shims inherit."""
         tmp = Path(tempfile.mkdtemp(prefix="e2e-", dir="/tmp"))
-        cd = cls(tmp=tmp, namespace=namespace)
+        cd = cls(tmp=tmp, namespace=namespace, extra_env=dict(extra_env or {}))
         for d in (cd.root, cd.state, cd.bin_dir, tmp / "opt"):
             d.mkdir(mode=0o711, parents=True, exist_ok=True)
         for name, module in (
@@ -270,6 +283,7 @@ class Containerd:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PATH"] = f"{self.bin_dir}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+        env.update(self.extra_env)
         return env
 
     def start(self, timeout: float = 30) -> None:
@@ -327,6 +341,13 @@ class Containerd:
         self.stop()
         self.start()
 
+    def kill(self) -> None:
+        """SIGKILL containerd (no shutdown of its own: shims and tasks are left as they are)."""
+        proc, self.proc = self.proc, None
+        assert proc is not None and proc.poll() is None, "containerd is not running"
+        proc.kill()
+        proc.wait(timeout=10)
+
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -374,6 +395,22 @@ class Containerd:
             return "(no containerd log)"
         tail = text.splitlines()[-lines:]
         return f"--- containerd log tail ({self.log_path}) ---\n" + "\n".join(tail)
+
+    def log_since_start(self) -> str:
+        """containerd's log since its latest start (the harness marks each start)."""
+        text = self.log_path.read_text(errors="replace")
+        return text.rpartition(f"===== e2e: containerd start #{self.starts} =====")[2]
+
+    def forwarded_events(self, namespace: str | None = None) -> list[str]:
+        """Topics of the events shims forwarded to containerd since its latest start, in the
+        order containerd took them (its debug log line "event forwarded", one per event)."""
+        ns = namespace or self.namespace
+        topics = []
+        for line in self.log_since_start().splitlines():
+            fields = dict(_LOG_FIELD.findall(line))
+            if fields.get("msg") == '"event forwarded"' and fields.get("ns") == ns:
+                topics.append(fields["topic"])
+        return topics
 
     def explain(self, res: subprocess.CompletedProcess[str], headline: str = "") -> str:
         argv = res.args if isinstance(res.args, list) else [str(res.args)]

@@ -16,7 +16,7 @@ import ttrpc.blocking
 from containerd_shim.api.events.task_pb2 import TaskExit, TaskStart
 from containerd_shim.api.services.ttrpc.events.v1.events_pb2 import ForwardRequest
 from containerd_shim.api.services.ttrpc.events.v1.events_ttrpc import EventsBlockingService
-from containerd_shim.events import Publisher, any_of
+from containerd_shim.events import QUEUE_LIMIT, Publisher, any_of, queue_limit_from_env
 from containerd_shim.flags import parse
 from containerd_shim.manager import socket_address
 from containerd_shim.reaper import Reaper, exit_status
@@ -196,6 +196,84 @@ def test_publisher_queue_is_bounded(sock_dir: str) -> None:
         assert TaskExit.FromString(publisher._queue[-1].event.value).container_id == "99"
     finally:
         publisher.close(timeout=0.1)
+
+
+def test_publisher_gives_up_an_event_pushed_out_while_it_retries(
+    sock_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing listens: the sender retries c0 while c1..c5 push it (and c1, c2) out of the
+    # queue of 3. The events that reach a server are the newest three, nothing more.
+    address = f"unix://{sock_dir}/late.sock"
+    publisher = Publisher(address, "ns", queue_limit=3)
+    try:
+        with caplog.at_level("WARNING", logger="containerd_shim"):
+            publisher.publish("/tasks/exit", TaskExit(container_id="c0"))
+            deadline = time.monotonic() + 10
+            while not any("attempt 1" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, "the first attempt never failed"
+                time.sleep(0.01)
+            for i in range(1, 6):
+                publisher.publish("/tasks/exit", TaskExit(container_id=f"c{i}"))
+        collector = Collector()
+        server = ttrpc.blocking.Server()
+        server.register(collector)
+        server.start(address)
+        try:
+            collector.wait_for(3)
+            assert publisher.flush(10)
+            got = [TaskExit.FromString(r.envelope.event.value).container_id for r in collector.got]
+            assert got == ["c3", "c4", "c5"]
+        finally:
+            server.close()
+    finally:
+        publisher.close(timeout=1)
+
+
+def test_publisher_redials_a_restarted_server_at_once(
+    sock_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # containerd restarted since the last event: the old connection is dead, which is no
+    # failed attempt (no warning, no backoff), as with Go's publisher.
+    address = f"unix://{sock_dir}/events.sock"
+    publisher = Publisher(address, "ns")
+    try:
+        for round_ in range(2):
+            collector = Collector()
+            server = ttrpc.blocking.Server()
+            server.register(collector)
+            server.start(address)
+            try:
+                with caplog.at_level("WARNING", logger="containerd_shim"):
+                    publisher.publish("/tasks/start", TaskStart(container_id=f"c{round_}"))
+                    collector.wait_for(1)
+                    assert publisher.flush(10)
+            finally:
+                server.close()
+        assert not caplog.records, [r.getMessage() for r in caplog.records]
+    finally:
+        publisher.close(timeout=1)
+
+
+@pytest.mark.parametrize(
+    ("value", "limit"),
+    [
+        (None, QUEUE_LIMIT),
+        ("8", 8),
+        (" 3 ", 3),
+        ("", QUEUE_LIMIT),
+        ("0", QUEUE_LIMIT),
+        ("-2", QUEUE_LIMIT),
+        ("many", QUEUE_LIMIT),
+    ],
+)
+def test_queue_limit_from_env(
+    value: str | None, limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if value is None:
+        monkeypatch.delenv("PYRUNC_EVENT_QUEUE_LIMIT", raising=False)
+    else:
+        monkeypatch.setenv("PYRUNC_EVENT_QUEUE_LIMIT", value)
+    assert queue_limit_from_env() == limit
 
 
 def test_log_lines_in_containerd_format() -> None:
