@@ -94,6 +94,29 @@ def test_go_client_against_python_server(kind: str, go_bin: str, sock_dir: str) 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", ["aio", "blocking"])
+def test_go_client_over_the_connection_limit(kind: str, go_bin: str, sock_dir: str) -> None:
+    """Go's client, one connection over a Python server's limit, gets RESOURCE_EXHAUSTED for
+    its call (then ErrClosed), and is served once a slot is free."""
+    address = f"unix://{sock_dir}/py.sock"
+    argv = [sys.executable, os.path.join(HERE, "server.py"), address, "--max-connections", "3"]
+    if kind == "blocking":
+        argv.append("--blocking")
+    proc = start_server(argv)
+    try:
+        run = subprocess.run(
+            [os.path.join(go_bin, "go-client"), address, "-limit", "3"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.stdout.splitlines()[-1:] == ["1 passed, 0 failed"], run.stdout + run.stderr
+        assert "too many connections" in run.stderr, run.stderr
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["aio", "blocking"])
 def test_python_clients_against_python_servers(kind: str, sock_dir: str) -> None:
     """Our two clients against our two servers (all four pairings), streams included.
 
