@@ -71,6 +71,7 @@ def test_the_target_catches_a_server_that_raises(
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(ttrpc.aio.server._Connection, "_start", broken)
+    monkeypatch.setattr(target, "DEADLINE", 0.5)  # the follow-up call is never answered
     with pytest.raises(AssertionError):
         target.test_one_input(seed, "aio")
 

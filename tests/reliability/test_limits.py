@@ -153,7 +153,9 @@ def test_refusal_answers_every_request_of_its_first_batch(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_zero_refuses_everyone_and_silent_peers_are_dropped(kind: str, address: str) -> None:
-    with running_server(kind, address, max_connections=0) as running:
+    closed: list[None] = []
+    options = {"max_connections": 0, "on_connection_closed": lambda: closed.append(None)}
+    with running_server(kind, address, **options) as running:
         client = SyncCaller("blocking", address)
         try:
             with pytest.raises(RpcError) as info:
@@ -171,6 +173,7 @@ def test_zero_refuses_everyone_and_silent_peers_are_dropped(kind: str, address: 
         finally:
             silent.close()
         wait_until(lambda: refusing(running) == 0, 5, "refusals to end")
+        assert not closed, "on_connection_closed is for connections that were served"
 
 
 @pytest.mark.parametrize("kind", KINDS)
