@@ -15,6 +15,12 @@ from collections.abc import Iterator
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(HERE, "..", "..", "src")
+# Python peers run this checkout's ttrpc, not whichever one is installed.
+PEER_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])),
+}
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +37,9 @@ def go_bin(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def start_server(argv: list[str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=PEER_ENV
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()  # the server prints READY once it listens
     if line != "READY":
@@ -53,7 +61,7 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
 
 
 def run_checks(argv: list[str]) -> None:
-    run = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=PEER_ENV)
     lines = run.stdout.splitlines()
     failures = [line for line in lines if line.startswith("FAIL")]
     assert not failures, "\n".join(failures) + "\n" + run.stderr[-3000:]
