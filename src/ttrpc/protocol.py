@@ -35,6 +35,7 @@ __all__ = [
     "Frame",
     "FrameReader",
     "FrameTooLarge",
+    "RefusingConnection",
     "RequestReceived",
     "ResponseReceived",
     "ServerConnection",
@@ -552,6 +553,43 @@ class ServerConnection(_StreamTable):
         """Whether the client may still send Data on this stream."""
         stream = self._streams.get(stream_id)
         return stream is not None and stream.remote_open
+
+
+class RefusingConnection:
+    """Server side of a connection that is not served: every request gets one fixed status.
+
+    What a server speaks to a connection it accepted over its limit: each
+    request frame (its header is enough; payloads are skipped unread, so at
+    most one header is ever buffered) is answered with ``code`` and
+    ``message`` on its stream. :attr:`answered` counts the answers given;
+    :attr:`mid_frame` says whether a frame is still arriving (a driver that
+    closes the connection waits for the end of the frame, so that the client
+    is not writing into a closed socket).
+    """
+
+    __slots__ = ("_body", "answered", "reader")
+
+    def __init__(self, code: int, message: str) -> None:
+        # A limit of one byte turns every payload into a FrameTooLarge: headers only.
+        self.reader = FrameReader(1)
+        self._body = _status_response(code, message)
+        self.answered = 0
+
+    @property
+    def mid_frame(self) -> bool:
+        reader = self.reader
+        return bool(reader._discard or reader._buf)
+
+    def receive_data(self, data: Buffer) -> bytes:
+        """Take bytes from the peer; return the answers to the requests they start."""
+        body = self._body
+        answers = [
+            _pack_header(len(body), frame.stream_id, MESSAGE_TYPE_RESPONSE, 0) + body
+            for frame in self.reader.feed(data)
+            if frame.type == MESSAGE_TYPE_REQUEST
+        ]
+        self.answered += len(answers)
+        return b"".join(answers)
 
 
 class ClientConnection(_StreamTable):

@@ -191,12 +191,13 @@ async def main() -> int:
     parser.add_argument("address")
     parser.add_argument("--require-same-user", action="store_true")
     parser.add_argument("--blocking", action="store_true", help="use the blocking server")
+    parser.add_argument("--max-connections", type=int, default=1024, help="connection limit")
     args = parser.parse_args()
     handshake = ttrpc.require_same_user() if args.require_same_user else None
     if args.blocking:
-        serve_blocking(args.address, handshake)
+        serve_blocking(args.address, handshake, args.max_connections)
         return 0
-    server = ttrpc.aio.Server(handshake=handshake)
+    server = ttrpc.aio.Server(handshake=handshake, max_connections=args.max_connections)
     server.register(Interop())
     server.register(Streaming())
     await server.start(args.address)
@@ -210,8 +211,10 @@ async def main() -> int:
     return 0
 
 
-def serve_blocking(address: str, handshake: ttrpc.handshake.Handshake | None) -> None:
-    server = ttrpc.blocking.Server(handshake=handshake)
+def serve_blocking(
+    address: str, handshake: ttrpc.handshake.Handshake | None, max_connections: int
+) -> None:
+    server = ttrpc.blocking.Server(handshake=handshake, max_connections=max_connections)
     server.register(BlockingInterop())
     server.register(BlockingStreaming())
     server.start(address)

@@ -15,6 +15,12 @@ from collections.abc import Iterator
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(HERE, "..", "..", "src")
+# Python peers run this checkout's ttrpc, not whichever one is installed.
+PEER_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])),
+}
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +37,9 @@ def go_bin(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def start_server(argv: list[str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=PEER_ENV
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()  # the server prints READY once it listens
     if line != "READY":
@@ -53,7 +61,7 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
 
 
 def run_checks(argv: list[str]) -> None:
-    run = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=PEER_ENV)
     lines = run.stdout.splitlines()
     failures = [line for line in lines if line.startswith("FAIL")]
     assert not failures, "\n".join(failures) + "\n" + run.stderr[-3000:]
@@ -88,6 +96,29 @@ def test_go_client_against_python_server(kind: str, go_bin: str, sock_dir: str) 
     proc = start_server(argv)
     try:
         run_checks([os.path.join(go_bin, "go-client"), address, "-strict"])
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["aio", "blocking"])
+def test_go_client_over_the_connection_limit(kind: str, go_bin: str, sock_dir: str) -> None:
+    """Go's client, one connection over a Python server's limit, gets RESOURCE_EXHAUSTED for
+    its call (then ErrClosed), and is served once a slot is free."""
+    address = f"unix://{sock_dir}/py.sock"
+    argv = [sys.executable, os.path.join(HERE, "server.py"), address, "--max-connections", "3"]
+    if kind == "blocking":
+        argv.append("--blocking")
+    proc = start_server(argv)
+    try:
+        run = subprocess.run(
+            [os.path.join(go_bin, "go-client"), address, "-limit", "3"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.stdout.splitlines()[-1:] == ["1 passed, 0 failed"], run.stdout + run.stderr
+        assert "too many connections" in run.stderr, run.stderr
     finally:
         stop_server(proc)
 

@@ -114,7 +114,8 @@ def _service(*handlers: Callable[..., Any]) -> Service:
 # -- the streaming test service ------------------------------------------------
 #
 # Down (server-streaming): req.key = count, req.value = mode ("", "empty", "fail", "md",
-#   "slow", "hold"); Up (client-streaming): joins the keys, fails on a key "fail";
+#   "slow", "hold", "big": 64 KiB messages);
+# Up (client-streaming): joins the keys, fails on a key "fail";
 # Both (bidi): echoes keys upper-cased, ends early on "stop", fails on "fail";
 # Hold (bidi): reads nothing until the call ends (a stalled consumer).
 
@@ -122,6 +123,8 @@ def _service(*handlers: Callable[..., Any]) -> Service:
 def _down_item(i: int, mode: str, ctx: Context) -> KeyValue:
     if mode == "empty":
         return KeyValue()
+    if mode == "big":
+        return KeyValue(key=str(i), value="x" * 65536)
     if mode == "md":
         remaining = ctx.time_remaining()
         return KeyValue(

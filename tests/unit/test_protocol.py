@@ -20,6 +20,7 @@ from ttrpc.protocol import (
     Frame,
     FrameReader,
     FrameTooLarge,
+    RefusingConnection,
     RequestReceived,
     ResponseReceived,
     ServerConnection,
@@ -138,6 +139,42 @@ def test_both_sides_never_raise_on_any_frame_sequence(
         if isinstance(event, StreamMessage):
             client.message_consumed(event.stream_id, len(event.payload))
     assert not server.backlogged and not client.backlogged
+
+
+def test_refusing_connection_answers_each_request_from_its_header() -> None:
+    refusing = RefusingConnection(Code.RESOURCE_EXHAUSTED, "full")
+    big = request_frame(5, payload=b"x" * 100_000)
+    data = request_frame(1) + header(0, 2, MESSAGE_TYPE_DATA) + request_frame(3) + big
+    answers = b""
+    for i in range(0, len(data), 7):  # any split
+        answers += refusing.receive_data(data[i : i + 7])
+        assert refusing.reader.buffered <= HEADER_LENGTH + 1  # headers only, never payloads
+    assert refusing.answered == 3
+    assert not refusing.mid_frame
+    client = ClientConnection()
+    for _ in range(3):
+        client.send_request(Request(service="s", method="m"))
+    events = client.receive_data(answers)
+    assert [e.stream_id for e in events] == [1, 3, 5]
+    for event in events:
+        assert type(event) is ResponseReceived
+        assert event.response.status == Status(code=Code.RESOURCE_EXHAUSTED, message="full")
+    # The answer to a request comes with its header; its payload is still arriving.
+    refusing = RefusingConnection(Code.RESOURCE_EXHAUSTED, "full")
+    assert refusing.receive_data(big[: HEADER_LENGTH + 10])
+    assert refusing.mid_frame
+    assert refusing.receive_data(big[HEADER_LENGTH + 10 :]) == b""
+    assert not refusing.mid_frame
+
+
+@given(st.binary(max_size=2048), st.lists(st.integers(min_value=1, max_value=64), max_size=50))
+def test_refusing_connection_never_raises_and_stays_bounded(data: bytes, cuts: list[int]) -> None:
+    refusing = RefusingConnection(Code.RESOURCE_EXHAUSTED, "full")
+    pos = 0
+    for cut in [*cuts, len(data)]:
+        refusing.receive_data(data[pos : pos + cut])
+        pos += cut
+        assert refusing.reader.buffered <= HEADER_LENGTH + 1
 
 
 def test_server_accepts_odd_increasing_ids() -> None:

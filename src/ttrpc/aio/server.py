@@ -12,6 +12,7 @@ from typing import Any, cast
 
 from google.protobuf.message import Message
 
+from ttrpc import _limits
 from ttrpc import address as _address
 from ttrpc._calls import decode_message, serialize, stalled_error
 from ttrpc.context import Context
@@ -21,6 +22,7 @@ from ttrpc.protocol import (
     FLAG_REMOTE_OPEN,
     MAX_MESSAGE_LENGTH,
     STREAM_BUFFER_SIZE,
+    RefusingConnection,
     RequestReceived,
     ServerConnection,
     StreamEnded,
@@ -41,6 +43,13 @@ _COALESCE = 64 * 1024
 #: Seconds a handler may leave its full receive buffer untouched before its stream fails.
 STREAM_STALL_TIMEOUT = 1.0
 
+# Why a connection is not being read (any of them pauses it; reading resumes once none is left).
+_PAUSED_BACKLOG = 1  # a stream's receive buffer is full
+_PAUSED_WRITE = 2  # the transport's write buffer is over its high-water mark
+_PAUSED_CALLS = 4  # max_calls_per_connection unary calls are in flight
+
+_NO_BUFFER = memoryview(b"")
+
 
 class _Connection(asyncio.BufferedProtocol):
     """One accepted connection: reads requests, runs each handler in its own task."""
@@ -48,9 +57,10 @@ class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: Server) -> None:
         self._server = server
         self._loop = asyncio.get_running_loop()
-        # Reading into one kept buffer spares a fresh allocation (and its page faults) per read.
-        self._view = read_buffer()
+        self._view = _NO_BUFFER  # allocated once the connection is served
         self._conn = ServerConnection(server.max_message_length, server.stream_buffer_size)
+        self._max_calls = server.max_calls_per_connection
+        self._calls_resume = 0 if self._max_calls is None else _limits.resume_below(self._max_calls)
         self._transport: asyncio.Transport | None = None
         self._peer: PeerCredentials | None = None
         self._calls: dict[int, tuple[asyncio.Task[None], Context]] = {}
@@ -59,7 +69,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._wbuf = bytearray()
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._read_paused = False
+        self._paused = 0  # _PAUSED_* reasons
         self._stall_timer: asyncio.TimerHandle | None = None
         self._progress = 0.0
 
@@ -82,7 +92,17 @@ class _Connection(asyncio.BufferedProtocol):
             self._closing = True
             transport.abort()
             return
-        self._server._connections.add(self)
+        server = self._server
+        limit = server.max_connections
+        if limit is not None and len(server._connections) >= limit:
+            # Over the limit: another protocol answers this connection's requests and closes it.
+            self._closing = True
+            server._refuse(transport, limit)
+            return
+        # Reading into one kept buffer spares a fresh allocation (and its page faults) per read.
+        # Reading into one kept buffer spares a fresh allocation (and its page faults) per read.
+        self._view = read_buffer()
+        server._connections.add(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._view
@@ -111,8 +131,11 @@ class _Connection(asyncio.BufferedProtocol):
                 stream._end_input()
             elif type(event) is StreamReset:
                 stream._reset()
-        if conn.backlogged and not self._read_paused:
+        if conn.backlogged and not self._paused & _PAUSED_BACKLOG:
             self._pause_reading()
+        limit = self._max_calls
+        if limit is not None and len(self._calls) - len(self._streams) >= limit:
+            self._pause(_PAUSED_CALLS)
 
     def _start(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
@@ -144,6 +167,9 @@ class _Connection(asyncio.BufferedProtocol):
     ) -> None:
         conn = self._conn
         try:
+            if self._write_paused:
+                # The peer is not reading: start no handler whose answer would pile up.
+                await self._drain()
             if ctx.deadline is None:
                 result = await handler(message, ctx)
             else:
@@ -162,6 +188,8 @@ class _Connection(asyncio.BufferedProtocol):
             frame = conn.encode_error(stream_id, status_from_exception(exc))
         self._calls.pop(stream_id, None)
         self._write(frame)
+        if self._paused & _PAUSED_CALLS:
+            self._calls_done()
         if not self._calls and self._server._shutting_down:
             self.close()
 
@@ -238,13 +266,29 @@ class _Connection(asyncio.BufferedProtocol):
             stream._wake()
         self._check_backlog()
 
+    # -- flow control ----------------------------------------------------------------
+
+    def _pause(self, reason: int) -> None:
+        if not self._paused and self._transport is not None and not self._closing:
+            self._transport.pause_reading()
+        self._paused |= reason
+
+    def _unpause(self, reason: int) -> None:
+        if self._paused & reason:
+            self._paused &= ~reason
+            if not self._paused and self._transport is not None and not self._closing:
+                self._transport.resume_reading()
+
+    def _calls_done(self) -> None:
+        if len(self._calls) - len(self._streams) < self._calls_resume:
+            self._unpause(_PAUSED_CALLS)
+
     # -- receive buffers -----------------------------------------------------------
 
     def _pause_reading(self) -> None:
         if self._transport is None or self._closing:
             return
-        self._transport.pause_reading()
-        self._read_paused = True
+        self._pause(_PAUSED_BACKLOG)
         self._progress = self._loop.time()
         self._stall_timer = self._loop.call_later(
             self._server.stream_stall_timeout, self._stall_check
@@ -252,22 +296,20 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _consumed(self, stream_id: int, nbytes: int) -> None:
         self._conn.message_consumed(stream_id, nbytes)
-        if self._read_paused:
+        if self._paused & _PAUSED_BACKLOG:
             self._progress = self._loop.time()
             self._check_backlog()
 
     def _check_backlog(self) -> None:
-        if self._read_paused and not self._conn.backlogged:
-            self._read_paused = False
+        if self._paused & _PAUSED_BACKLOG and not self._conn.backlogged:
             if self._stall_timer is not None:
                 self._stall_timer.cancel()
                 self._stall_timer = None
-            if self._transport is not None and not self._closing:
-                self._transport.resume_reading()
+            self._unpause(_PAUSED_BACKLOG)
 
     def _stall_check(self) -> None:
         self._stall_timer = None
-        if not self._read_paused:
+        if not self._paused & _PAUSED_BACKLOG:
             return
         timeout = self._server.stream_stall_timeout
         idle = self._loop.time() - self._progress
@@ -305,8 +347,13 @@ class _Connection(asyncio.BufferedProtocol):
             self._transport.write(bytes(self._wbuf))
         self._wbuf.clear()
 
+    # The transport's write buffer passed its high-water mark: the peer is not reading.
+    # Until it drains, no more requests are read, no new unary handler starts and stream
+    # senders wait (ServerStream.send), so what is buffered stays bounded.
+
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._pause(_PAUSED_WRITE)
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -314,6 +361,7 @@ class _Connection(asyncio.BufferedProtocol):
         for future in waiters:
             if not future.done():
                 future.set_result(None)
+        self._unpause(_PAUSED_WRITE)
 
     async def _drain(self) -> None:
         while self._write_paused and not self._closing:
@@ -348,6 +396,47 @@ class _Connection(asyncio.BufferedProtocol):
         if self._stall_timer is not None:
             self._stall_timer.cancel()
         self._server._connection_closed(self)
+
+
+class _Refusal(asyncio.BufferedProtocol):
+    """A connection over the server's limit: each request it sends is answered with
+    RESOURCE_EXHAUSTED, then it is closed (once a request has been answered, or after
+    :data:`~ttrpc._limits.REFUSAL_TIMEOUT` seconds, whichever comes first)."""
+
+    def __init__(self, server: Server, transport: asyncio.Transport, limit: int) -> None:
+        self._server = server
+        self._transport = transport
+        self._conn = RefusingConnection(Code.RESOURCE_EXHAUSTED, _limits.refusal_message(limit))
+        self._view = memoryview(bytearray(_limits.REFUSAL_READ_SIZE))
+        self._timer = asyncio.get_running_loop().call_later(
+            _limits.REFUSAL_TIMEOUT, transport.abort
+        )
+        self._done = False
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._done:
+            return
+        conn = self._conn
+        out = conn.receive_data(self._view[:nbytes])
+        if out:
+            self._transport.write(out)
+        if conn.answered and not conn.mid_frame:
+            # close() sends what is buffered first; the timer aborts a peer that never reads.
+            self._done = True
+            self._transport.close()
+
+    def eof_received(self) -> bool | None:
+        return None  # the peer is done: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+        self._server._refusal_closed(self)
+
+    def abort(self) -> None:
+        self._transport.abort()
 
 
 class ServerStream:
@@ -510,6 +599,28 @@ class Server:
     handler that leaves it full for ``stream_stall_timeout`` seconds has its
     call failed with RESOURCE_EXHAUSTED.
     ``on_connection_closed`` is called after each connection goes away.
+
+    ``max_connections`` (default 1024; None: no limit) bounds the connections
+    served at once. A connection over it is still accepted and answered: each
+    request it sends gets RESOURCE_EXHAUSTED ("too many connections"), then
+    it is closed, so a client sees a status rather than a silent hang-up (up
+    to 512 such connections at once; more, or ones that send nothing for
+    2 s, are closed without a reply). Running out of descriptors (EMFILE) on
+    accept is logged by asyncio, which retries a second later.
+
+    ``max_calls_per_connection`` (default 1024; None: no limit) bounds the
+    unary calls in flight on one connection: at the limit the server stops
+    reading that connection (the client's writes block) and reads again once a
+    quarter of them have finished. Streaming calls are not counted (their
+    handlers may wait for input that only further reads deliver). Calls that
+    wait for a later call on the same connection must stay below this.
+
+    A peer that stops reading is not buffered for without bound: once the
+    transport's write buffer passes its high-water mark the server stops
+    reading that connection, starts no new unary handler for it and makes its
+    stream senders wait, until the peer reads again. What stays buffered is
+    the high-water mark plus the answers of handlers already running. Other
+    connections are not affected.
     """
 
     def __init__(
@@ -521,9 +632,13 @@ class Server:
         interceptors: Sequence[Interceptor] | None = None,
         stream_buffer_size: int = STREAM_BUFFER_SIZE,
         stream_stall_timeout: float = STREAM_STALL_TIMEOUT,
+        max_connections: int | None = _limits.MAX_CONNECTIONS,
+        max_calls_per_connection: int | None = _limits.MAX_CALLS_PER_CONNECTION,
     ) -> None:
         self.handshake = handshake
         self.max_message_length = max_message_length
+        self.max_connections = _limits.check_max_connections(max_connections)
+        self.max_calls_per_connection = _limits.check_max_calls(max_calls_per_connection)
         self.stream_buffer_size = stream_buffer_size
         self.stream_stall_timeout = stream_stall_timeout
         self._on_connection_closed = on_connection_closed
@@ -533,6 +648,8 @@ class Server:
         self._servers: list[asyncio.AbstractServer] = []
         self._owned_addresses: list[str] = []
         self._connections: set[_Connection] = set()
+        self._refusing: set[_Refusal] = set()
+        self._refusals = _limits.RateLimitedLog()
         self._shutting_down = False
         self._drained: asyncio.Event | None = None
         self._done: asyncio.Event | None = None
@@ -589,6 +706,8 @@ class Server:
         """
         self._shutting_down = True
         self._stop_listening()
+        for refusal in list(self._refusing):
+            refusal.abort()
         for conn in list(self._connections):
             if conn.idle:
                 conn.close()
@@ -601,7 +720,7 @@ class Server:
         return graceful
 
     async def _wait_drained(self) -> None:
-        if self._connections:
+        if self._connections or self._refusing:
             self._drained = asyncio.Event()
             await self._drained.wait()
 
@@ -609,6 +728,8 @@ class Server:
         """Close listeners and every connection now; handlers in flight are cancelled."""
         self._shutting_down = True
         self._stop_listening()
+        for refusal in list(self._refusing):
+            refusal.abort()
         for conn in list(self._connections):
             conn.abort()
         # Transports report connection_lost on a later loop iteration.
@@ -616,9 +737,41 @@ class Server:
         if self._done is not None:
             self._done.set()
 
+    @property
+    def connections(self) -> int:
+        """Connections being served now (not counting those refused over the limit)."""
+        return len(self._connections)
+
+    def _refuse(self, transport: asyncio.Transport, limit: int) -> None:
+        if len(self._refusing) >= _limits.MAX_REFUSING:
+            self._refusals.warning(
+                "ttrpc: connection limit (%d) reached and %d refusals under way: "
+                "closing a new connection without a reply",
+                limit,
+                len(self._refusing),
+            )
+            transport.abort()
+            return
+        self._refusals.warning(
+            "ttrpc: connection limit (%d) reached: answering a new connection "
+            "RESOURCE_EXHAUSTED and closing it",
+            limit,
+        )
+        refusal = _Refusal(self, transport, limit)
+        self._refusing.add(refusal)
+        transport.set_protocol(refusal)
+        refusal.connection_made(transport)
+
+    def _refusal_closed(self, refusal: _Refusal) -> None:
+        self._refusing.discard(refusal)
+        if not self._connections and not self._refusing and self._drained is not None:
+            self._drained.set()
+
     def _connection_closed(self, conn: _Connection) -> None:
+        if conn not in self._connections:
+            return  # never served (refused by the handshake or the limit)
         self._connections.discard(conn)
-        if not self._connections and self._drained is not None:
+        if not self._connections and not self._refusing and self._drained is not None:
             self._drained.set()
         if self._on_connection_closed is not None:
             try:

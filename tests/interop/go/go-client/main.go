@@ -3,7 +3,7 @@
 // real Go ttrpc client; protocol checks write hand-built frames on a raw
 // socket.
 //
-// Usage: go-client ADDRESS [-strict] [-run REGEX] [-v]
+// Usage: go-client ADDRESS [-strict] [-run REGEX] [-v] [-limit N]
 //
 // Output: one "PASS name" or "FAIL name: why" line per check, then
 // "N passed, M failed". Exit status 0 only if every check passed.
@@ -35,6 +35,7 @@ const defaultTimeout = 10 * time.Second
 type check struct {
 	name    string
 	strict  bool
+	limit   bool          // needs a server started with a connection limit (-limit N)
 	timeout time.Duration // 0 means defaultTimeout
 	run     func(e *env) error
 }
@@ -42,7 +43,8 @@ type check struct {
 // env hands connections to a check and closes them all when it is over,
 // which also unblocks a check that is still stuck after its timeout.
 type env struct {
-	path string
+	path  string
+	limit int // the server's connection limit (-limit), 0 if none
 
 	mu      sync.Mutex
 	closers []io.Closer
@@ -136,12 +138,12 @@ func note(format string, args ...interface{}) {
 	fmt.Fprintf(os.Stderr, "note: "+format+"\n", args...)
 }
 
-func runCheck(path string, c check) (err error) {
+func runCheck(path string, limit int, c check) (err error) {
 	timeout := c.timeout
 	if timeout == 0 {
 		timeout = defaultTimeout
 	}
-	e := &env{path: path}
+	e := &env{path: path, limit: limit}
 	defer e.closeAll()
 
 	done := make(chan error, 1)
@@ -167,8 +169,9 @@ func run() int {
 	filter := fs.String("run", "", "only run checks whose name matches this regular expression")
 	verbose := fs.Bool("v", false, "show the Go ttrpc client's own log output")
 	list := fs.Bool("list", false, "list the check names and exit")
+	limit := fs.Int("limit", 0, "the server's connection limit: run only the checks of it")
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: go-client ADDRESS [-strict] [-run REGEX] [-v] [-list]")
+		fmt.Fprintln(fs.Output(), "usage: go-client ADDRESS [-strict] [-run REGEX] [-v] [-list] [-limit N]")
 		fs.PrintDefaults()
 	}
 	args, err := cli.ParseMixed(fs, os.Args[1:])
@@ -188,7 +191,7 @@ func run() int {
 
 	var selected []check
 	for _, c := range checks() {
-		if (c.strict && !*strict) || !re.MatchString(c.name) {
+		if (c.strict && !*strict) || !re.MatchString(c.name) || c.limit != (*limit > 0) {
 			continue
 		}
 		selected = append(selected, c)
@@ -211,7 +214,7 @@ func run() int {
 
 	passed, failed := 0, 0
 	for _, c := range selected {
-		if err := runCheck(path, c); err != nil {
+		if err := runCheck(path, *limit, c); err != nil {
 			failed++
 			fmt.Printf("FAIL %s: %s\n", c.name, strings.ReplaceAll(err.Error(), "\n", " "))
 		} else {
@@ -232,6 +235,7 @@ func main() {
 
 func checks() []check {
 	return []check{
+		{name: "limit/over-the-limit-answered", limit: true, timeout: 30 * time.Second, run: checkConnectionLimit},
 		{name: "echo/empty", run: checkEchoEmpty},
 		{name: "echo/binary-bytes", run: checkEchoBinary},
 		{name: "echo/unicode-text", run: checkEchoUnicode},

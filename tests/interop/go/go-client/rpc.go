@@ -204,6 +204,54 @@ func checkManyConnections(e *env) error {
 	return nil
 }
 
+// checkConnectionLimit: with the server's -limit connections served, one
+// more connection is answered ResourceExhausted, then closed (the Go client
+// reports ErrClosed after that); the served ones go on, and once one of them
+// closes a new connection is served.
+func checkConnectionLimit(e *env) error {
+	var served []*ttrpc.Client
+	for i := 0; i < e.limit; i++ {
+		c, svc, err := e.client()
+		if err != nil {
+			return err
+		}
+		if err := echoWorks(svc); err != nil {
+			return fmt.Errorf("connection %d of %d: %v", i+1, e.limit, err)
+		}
+		served = append(served, c)
+	}
+	_, over, err := e.client()
+	if err != nil {
+		return err
+	}
+	_, err = over.Echo(context.Background(), &interop.EchoRequest{Text: "one too many"})
+	if err := wantCode(err, codes.ResourceExhausted); err != nil {
+		return fmt.Errorf("over the limit: %v", err)
+	}
+	st, _ := status.FromError(err)
+	note("over the limit: %v", st.Message())
+	_, err = over.Echo(context.Background(), &interop.EchoRequest{Text: "again"})
+	if !errors.Is(err, ttrpc.ErrClosed) {
+		return fmt.Errorf("over the limit, second call: got %v, want ErrClosed", err)
+	}
+	served[0].Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, svc, err := e.client()
+		if err != nil {
+			return err
+		}
+		_, err = svc.Echo(context.Background(), &interop.EchoRequest{Text: "a free slot"})
+		if err == nil {
+			break
+		}
+		if status.Code(err) != codes.ResourceExhausted || time.Now().After(deadline) {
+			return fmt.Errorf("after a served connection closed: %v", err)
+		}
+	}
+	return nil
+}
+
 func failOnce(svc interop.InteropService, code codes.Code, message string, details []string) error {
 	_, err := svc.Fail(context.Background(), &interop.FailRequest{Code: int32(code), Message: message, Details: details})
 	if err := wantCode(err, code); err != nil {
