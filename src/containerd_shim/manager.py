@@ -309,11 +309,15 @@ def delete(flags: Flags) -> bytes:
     reaper.start()
     options = read_options(bundle)
     runc = make_runc(reaper, bundle, flags.namespace, options)
-    try:
-        runc.delete(flags.id, force=True)
-    except RuncError as exc:
-        if "does not exist" not in exc.message:
-            print(f"runc delete: {exc.message}", file=sys.stderr)
+    # runc keeps a container's state in <root>/<id> until it is deleted: without it,
+    # ``runc delete`` could only say "does not exist" (after a shim's clean exit, the
+    # usual case here: a few milliseconds saved on every container's removal).
+    if os.path.lexists(os.path.join(runc.root, flags.id)):
+        try:
+            runc.delete(flags.id, force=True)
+        except RuncError as exc:
+            if "does not exist" not in exc.message:
+                print(f"runc delete: {exc.message}", file=sys.stderr)
     with contextlib.suppress(mount.MountError):
         mount.unmount_all(reaper, os.path.join(bundle, "rootfs"))
     pid = 0
