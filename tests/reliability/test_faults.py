@@ -6,7 +6,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -14,7 +14,7 @@ import ttrpc.aio
 from ttrpc.protocol import MESSAGE_TYPE_REQUEST, encode_frame
 from ttrpc.ttrpc_pb2 import KeyValue, Request
 
-from ..unit.harness import SERVICE, RunningServer, SyncCaller, running_server
+from ..unit.harness import SERVICE, STREAMS, RunningServer, SyncCaller, running_server
 
 KINDS = ["aio", "blocking"]
 
@@ -112,6 +112,49 @@ def test_ten_thousand_concurrent_calls_on_one_connection(address: str) -> None:
                 await conn.close()
 
         assert asyncio.run(main()) == [str(i) for i in range(10_000)]
+
+
+def test_ten_thousand_concurrent_streams_on_one_connection(address: str) -> None:
+    """10,000 bidirectional streams open at once on one connection, with unary calls
+    among them: every stream gets its own answer, none is mixed up or lost."""
+    count = 10_000
+    with running_server("aio", address):
+
+        async def main() -> tuple[list[list[str]], list[str]]:
+            conn = await ttrpc.aio.connect(address)
+            opened = asyncio.Event()
+            waiting = 0
+
+            async def one(i: int) -> list[str]:
+                nonlocal waiting
+
+                async def messages() -> AsyncIterator[KeyValue]:
+                    nonlocal waiting
+                    yield KeyValue(key=f"s{i}")
+                    # Hold every stream open until all of them are: truly concurrent.
+                    waiting += 1
+                    if waiting == count:
+                        opened.set()
+                    await opened.wait()
+                    yield KeyValue(key=f"t{i}")
+
+                stream = conn.bidi_stream(STREAMS, "Both", messages(), KeyValue)
+                return [m.key async for m in stream]
+
+            try:
+                streams = asyncio.gather(*(one(i) for i in range(count)))
+                echo = KeyValue
+                calls = asyncio.gather(
+                    *(conn.call(SERVICE, "Echo", echo(key=str(i)), echo) for i in range(500))
+                )
+                replies, echoes = await asyncio.wait_for(asyncio.gather(streams, calls), 45)
+                return list(replies), [r.key for r in echoes]
+            finally:
+                await conn.close()
+
+        replies, echoes = asyncio.run(main())
+        assert replies == [[f"S{i}", f"T{i}"] for i in range(count)]
+        assert echoes == [str(i) for i in range(500)]
 
 
 def test_many_threads_share_one_blocking_connection(server: tuple[RunningServer, str]) -> None:
