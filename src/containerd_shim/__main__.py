@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             return 0
         if flags.action == "delete":
+            from containerd_shim.manager import quick_delete
+
+            response = quick_delete(flags)
+            if response is not None:
+                sys.stdout.buffer.write(response)
+                sys.stdout.flush()
+                return 0
             status = _delete_in_zygote(args)
             if status is not None:
                 return status

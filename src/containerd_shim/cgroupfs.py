@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
+from containerd_shim.mountinfo import unescape
+
 __all__ = [
     "V1_CONTROLLERS",
     "Mount",
@@ -69,23 +71,6 @@ class Mount(NamedTuple):
         return controller in self.options
 
 
-def _unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes (``\\040`` for a space)."""
-    if "\\" not in field:
-        return field
-    out: list[str] = []
-    i = 0
-    while i < len(field):
-        c = field[i]
-        if c == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
-
-
 def parse_mountinfo(text: str) -> list[Mount]:
     """The cgroup and cgroup2 mounts listed in a mountinfo file, in order."""
     mounts: list[Mount] = []
@@ -108,8 +93,8 @@ def parse_mountinfo(text: str) -> list[Mount]:
             continue
         mounts.append(
             Mount(
-                mountpoint=_unescape(fields[4]),
-                root=_unescape(fields[3]),
+                mountpoint=unescape(fields[4]),
+                root=unescape(fields[3]),
                 version=version,
                 options=options,
                 device=fields[2],

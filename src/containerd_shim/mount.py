@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable
 from typing import Protocol
 
+from containerd_shim.mountinfo import mounted
 from containerd_shim.reaper import Reaper
 
 log = logging.getLogger("containerd_shim")
@@ -54,25 +55,6 @@ def mount_all(reaper: Reaper, mounts: Iterable[MountSpec], target: str) -> None:
         status, err = _run(reaper, argv)
         if status != 0:
             raise MountError(f"mount {m.type} {m.source} on {target}: {err or f'status {status}'}")
-
-
-def mounted(path: str) -> bool:
-    """Whether something is mounted exactly at ``path``."""
-    real = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == real:
-                    return True
-    except OSError:
-        return False
-    return False
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal.
-    return field.encode().decode("unicode_escape") if "\\" in field else field
 
 
 def unmount_all(reaper: Reaper, target: str) -> None:

@@ -191,7 +191,8 @@ def _preload() -> None:
 
 # What ``start`` and ``delete`` import (cgroupfs: only with a shim cgroup).
 _CLIENT_MODULES = (
-    "__init__", "__main__", "cgroupfs", "digest", "flags", "ids", "launcher", "manager", "zygote",
+    "__init__", "__main__", "cgroupfs", "digest", "flags", "ids", "launcher", "manager",
+    "mountinfo", "zygote",
 )  # fmt: skip
 
 

@@ -13,6 +13,8 @@ from google.protobuf.any_pb2 import Any
 from containerd_shim import launcher, manager, zygote
 from containerd_shim.api.runtime.v2.runc.options.oci_pb2 import Options
 from containerd_shim.api.runtime.v2.task.shim_pb2 import DeleteResponse
+from containerd_shim.flags import parse
+from containerd_shim.runc import DEFAULT_ROOT
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -86,15 +88,24 @@ def test_launcher_runs_the_shim_without_site(tmp_path: Path) -> None:
     assert "io.containerd.pyrunc.v2" in res.stdout
 
 
-def test_launcher_delete_without_a_zygote_uses_the_full_interpreter(tmp_path: Path) -> None:
-    """A ``delete`` the zygote cannot serve needs protobuf (site-packages): the
-    launched ``-S`` interpreter re-executes itself as the full shim."""
+@pytest.mark.parametrize("left_behind", [False, True])
+def test_launcher_delete_without_a_zygote(tmp_path: Path, left_behind: bool) -> None:
+    """Through the fast launcher with the zygote off: a container that left nothing
+    is answered at once (no runc); one runc still knows needs protobuf and runc, so
+    the ``-S`` interpreter re-executes itself as the full shim, which runs runc
+    (whose log then appears in the bundle)."""
+    from containerd_shim.containers import write_options
+
     path = launcher.script(path_entry=SRC, env={"PYTHONPATH": SRC})
     binary = tmp_path / "containerd-shim-pyrunc-v2"
     binary.write_text(path)
     binary.chmod(0o755)
     bundle = tmp_path / "ns" / "c1"
     bundle.mkdir(parents=True)
+    root = tmp_path / "runc-root"
+    write_options(str(bundle), Options(root=str(root)))
+    if left_behind:
+        (root / "ns" / "c1").mkdir(parents=True)
     argv = [str(binary), "-namespace", "ns", "-address", str(tmp_path / "c.sock"), "-id", "c1"]
     res = subprocess.run(
         [*argv, "delete"],
@@ -106,6 +117,7 @@ def test_launcher_delete_without_a_zygote_uses_the_full_interpreter(tmp_path: Pa
     assert res.returncode == 0, res.stderr
     response = DeleteResponse.FromString(res.stdout)
     assert response.exit_status == 137 and response.exited_at.seconds > 0
+    assert (bundle / "log.json").exists() == left_behind
 
 
 @pytest.mark.parametrize("cgroup", ["", "/pyrunc/shims", "x" * 300])
@@ -160,3 +172,78 @@ def test_set_cmdline_rewrites_proc_cmdline() -> None:
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[b'/usr/bin/shim', b'-id', b'abc', b'-namespace', b'ns']"
+
+
+@pytest.mark.parametrize(
+    ("pid", "status", "when"),
+    [(0, 137, 1_700_000_000.123456789), (4242, 0, 0.5), (2**32 - 1, 255, 1.0), (1, 137, 0.0)],
+)
+def test_delete_response_is_encoded_as_protobuf_would(pid: int, status: int, when: float) -> None:
+    data = manager.delete_response(pid, status, when)
+    parsed = DeleteResponse.FromString(data)
+    assert (parsed.pid, parsed.exit_status) == (pid, status)
+    assert parsed.exited_at.ToNanoseconds() == int(when * 1e9)
+    expected = DeleteResponse(pid=pid, exit_status=status)
+    expected.exited_at.FromNanoseconds(int(when * 1e9))
+    assert data == expected.SerializeToString()
+
+
+def _bundle(tmp_path: Path, options: Options | None) -> Path:
+    from containerd_shim.containers import write_options
+
+    bundle = tmp_path / "ns" / "c1"
+    (bundle / "rootfs").mkdir(parents=True)
+    if options is not None:
+        write_options(str(bundle), options)
+    (bundle / "init.pid").write_text("4321")
+    return bundle
+
+
+def _flags(bundle: Path) -> Any:
+    return parse(
+        [
+            "-namespace",
+            "ns",
+            "-address",
+            "/run/c.sock",
+            "-id",
+            "c1",
+            "-bundle",
+            str(bundle),
+            "delete",
+        ]
+    )
+
+
+def test_quick_delete_when_nothing_is_left(tmp_path: Path) -> None:
+    root = tmp_path / "runc-root"
+    bundle = _bundle(tmp_path, Options(root=str(root)))
+    socket_path = tmp_path / "gone.sock"
+    socket_path.write_text("")  # nothing listens there any more
+    (bundle / "address").write_text(f"unix://{socket_path}")
+    response = manager.quick_delete(_flags(bundle))
+    assert response is not None
+    parsed = DeleteResponse.FromString(response)
+    assert (parsed.pid, parsed.exit_status) == (4321, 137)
+    assert not socket_path.exists()
+
+
+def test_quick_delete_defers_when_runc_still_has_the_container(tmp_path: Path) -> None:
+    root = tmp_path / "runc-root"
+    bundle = _bundle(tmp_path, Options(root=str(root)))
+    (root / "ns" / "c1").mkdir(parents=True)
+    assert manager.quick_delete(_flags(bundle)) is None
+
+
+@pytest.mark.parametrize("root", ['with"quote', "back\\slash"])
+def test_quick_delete_defers_when_options_are_unclear(tmp_path: Path, root: str) -> None:
+    bundle = _bundle(tmp_path, Options(root=root))
+    assert manager.quick_delete(_flags(bundle)) is None
+
+
+def test_runc_root_read_without_json(tmp_path: Path) -> None:
+    assert manager._runc_root(str(_bundle(tmp_path / "a", None))) == manager.RUNC_DEFAULT_ROOT
+    assert manager._runc_root(str(_bundle(tmp_path / "b", Options()))) == manager.RUNC_DEFAULT_ROOT
+    bundle = _bundle(tmp_path / "c", Options(root="/run/other root", binary_name="runc"))
+    assert manager._runc_root(str(bundle)) == "/run/other root"
+    assert manager.RUNC_DEFAULT_ROOT == DEFAULT_ROOT
