@@ -125,7 +125,19 @@ class Publisher:
         if self._conn is not None:
             self._conn.close()
 
+    def _prepare(self) -> None:
+        """Dial containerd before the first event, as Go's shims do: the task's first event
+        (/tasks/create) then goes out without waiting for a connection. Failures are left
+        to the first send, which dials again."""
+        if not self.address:
+            return
+        try:
+            self._conn = ttrpc.blocking.connect(self.address, timeout=SEND_TIMEOUT)
+        except (OSError, ValueError) as exc:
+            log.debug("events: containerd not reachable yet: %s", exc)
+
     def _run(self) -> None:
+        self._prepare()
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
@@ -198,6 +210,9 @@ class BinaryPublisher(Publisher):
         self.reaper = reaper
         self.timeout = timeout
         super().__init__(address, namespace, queue_limit=queue_limit)
+
+    def _prepare(self) -> None:
+        pass  # one command per event: nothing to dial
 
     def _deliver(self, envelope: Envelope) -> None:
         argv = [self.binary, "--address", self.address, "publish", "--topic", envelope.topic]
