@@ -15,28 +15,15 @@ import sys
 
 import atheris
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from inputs import split
+
 with atheris.instrument_imports():
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
     from ttrpc.protocol import HEADER_LENGTH, ClientConnection, ServerConnection
     from ttrpc.ttrpc_pb2 import Request
 
 LIMIT = 4096
-
-
-def split(data: bytes) -> list[bytes]:
-    """Cut the input into pieces whose sizes come from its first bytes."""
-    if len(data) < 2:
-        return [data]
-    cuts = data[0] % 8 + 1
-    sizes = list(data[1 : 1 + cuts])
-    body = data[1 + cuts :]
-    pieces = []
-    pos = 0
-    for size in sizes:
-        pieces.append(body[pos : pos + size + 1])
-        pos += size + 1
-    pieces.append(body[pos:])
-    return pieces
 
 
 def test_one_input(data: bytes) -> None:

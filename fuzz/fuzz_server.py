@@ -49,6 +49,8 @@ except ImportError:  # the one-input function runs without it (tests)
     atheris = None
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from inputs import split
 
 if atheris is not None and __name__ == "__main__":
     with atheris.instrument_imports(include=["ttrpc"]):
@@ -189,22 +191,6 @@ SERVER_OPTIONS: dict[str, Any] = {
 
 
 # -- inputs -----------------------------------------------------------------------------
-
-
-def split(data: bytes) -> list[bytes]:
-    """Cut the input into pieces whose sizes come from its first bytes."""
-    if len(data) < 2:
-        return [data]
-    cuts = data[0] % 8 + 1
-    sizes = list(data[1 : 1 + cuts])
-    body = data[1 + cuts :]
-    pieces = []
-    pos = 0
-    for size in sizes:
-        pieces.append(body[pos : pos + size + 1])
-        pos += size + 1
-    pieces.append(body[pos:])
-    return [p for p in pieces if p]
 
 
 def to_refuse(data: bytes) -> bool:
