@@ -18,8 +18,9 @@ def _self_argv() -> list[str]:
 def _full_interpreter(args: list[str]) -> None:
     """Under the fast launcher (no site-packages), re-execute as the full shim.
 
-    ``start`` and a zygote-served ``delete`` need only the standard library;
-    the daemon and a local ``delete`` need protobuf from site-packages.
+    ``start``, a ``delete`` with nothing to clean and a zygote-served one need
+    only the standard library; the daemon and a local full ``delete`` need
+    protobuf from site-packages.
     """
     if sys.flags.no_site:
         sys.stdout.flush()

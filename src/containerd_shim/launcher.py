@@ -8,11 +8,14 @@ launcher this writes is a two-line ``/bin/sh`` script that runs
 ``start``/``delete`` isolated and without site-packages (``python -I -S``),
 the package's directory appended to ``sys.path``: both need only the
 standard library and this package (the zygote does the heavy work).
-Anything else (the daemon, a ``delete`` without a zygote) re-executes
-itself with the full interpreter (:func:`containerd_shim.__main__.main`).
+Anything else (the daemon, a ``delete`` that has cleaning up to do and no
+zygote) re-executes itself with the full interpreter
+(:func:`containerd_shim.__main__.main`).
 
-Put ``DIR`` ahead of the console scripts on containerd's ``PATH``. (The v1
-shim gains nothing: containerd runs it once, as the daemon itself.)
+Put ``DIR`` ahead of the console scripts on containerd's ``PATH``, and write
+it again after moving the installation: it names this interpreter and this
+package's directory. (The v1 shim gains nothing: containerd runs it once, as
+the daemon itself.)
 """
 
 from __future__ import annotations

@@ -41,13 +41,13 @@ def _path(address: str) -> str:
     return address[len("unix://") :]
 
 
-def unix_socket() -> _socket.socket:
+def _unix_socket() -> _socket.socket:
     """A close-on-exec unix stream socket."""
     return _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
 
 
 def _can_connect(path: str) -> bool:
-    s = unix_socket()
+    s = _unix_socket()
     try:
         s.settimeout(2)
         s.connect(path)
@@ -61,7 +61,7 @@ def _can_connect(path: str) -> bool:
 def _listen(path: str) -> _socket.socket:
     """A 0600 listener at ``path`` (the mode is set before bind: no window for others)."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    sock = unix_socket()
+    sock = _unix_socket()
     try:
         os.fchmod(sock.fileno(), 0o600)
         sock.bind(path)
