@@ -174,7 +174,9 @@ def serve(flags: Flags) -> int:
         on_shutdown=stop.stop,
         cgroups=cgroups,
     )
-    server = ttrpc.blocking.Server(handshake=ttrpc.require_same_user())
+    # No write timeout: a hang-up makes containerd take the shim for dead and clean up its
+    # containers; a containerd too busy to read stays connected, as with Go's shims.
+    server = ttrpc.blocking.Server(handshake=ttrpc.require_same_user(), write_timeout=None)
     desc = service.__ttrpc_service__()
     server.register(desc)
     # containerd 2.x speaks the same API as containerd.task.v3.Task.

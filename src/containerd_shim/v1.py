@@ -403,7 +403,9 @@ def serve(flags: Flags) -> int:
         make_io=io_factory(reaper),
         flush=publisher.flush,
     )
-    server = ttrpc.blocking.Server(handshake=ttrpc.require_same_user())
+    # No write timeout: a hang-up makes containerd take the shim for dead and clean up its
+    # containers; a containerd too busy to read stays connected, as with Go's shims.
+    server = ttrpc.blocking.Server(handshake=ttrpc.require_same_user(), write_timeout=None)
     server.register(service)
     server.start(listener)
     log.info("serving %s on %s, pid %d", RUNTIME, flags.socket or "inherited socket", os.getpid())
