@@ -1,16 +1,18 @@
-"""Shims side by side under one private containerd: memory per shim and `ctr run --rm` time.
+"""Shims side by side under private containerds: memory per shim and `ctr run --rm` time.
 
-    python bench/shim.py [--containers 20] [--runs 10] [--json FILE]
+    python bench/shim.py [--containers 20] [--runs 10] [--no-v1] [--json FILE]
 
-For each runtime (Go's io.containerd.runc.v2 and our io.containerd.pyrunc.v2)
-it starts N detached containers, reads every shim's /proc/PID/smaps_rollup
-(RSS, PSS, Private_Clean + Private_Dirty, plus the shim's descendants other
-than the containers themselves); then the same with all N in one shim group
-(the io.containerd.runc.v2.group annotation); then times `ctr run --rm
-/bin/true`, the runtimes taking turns. For our runtime it also reads the
-per-host zygote that forks the shims (see containerd_shim/zygote.py) and
-charges each container its share (zygote PSS / N) in the "per container"
-column.
+Four shims: Go's io.containerd.runc.v2 and our io.containerd.pyrunc.v2 under one
+containerd, and containerd's v1 runtime (io.containerd.runtime.v1.linux) with Go's
+`containerd-shim` and with our `containerd-shim-pyrunc-v1`, each under a containerd of
+its own (the v1 shim binary is containerd configuration). For each it starts N detached
+containers and reads every shim's /proc/PID/smaps_rollup (RSS, PSS, Private_Clean +
+Private_Dirty, plus the shim's descendants other than the containers themselves); for
+the v2 shims then the same with all N in one shim group (the io.containerd.runc.v2.group
+annotation); then it times `ctr run --rm /bin/true`, the shims taking turns. For our v2
+runtime it also reads the per-host zygote that forks the shims (see
+containerd_shim/zygote.py) and charges each container its share (zygote PSS / N) in the
+"per container" column. Ratios compare each shim with Go's shim of the same API.
 Needs root, containerd, runc and busybox (scripts/setup installs them).
 """
 
@@ -22,16 +24,45 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
 
-from tests.e2e.containerd import Containerd  # noqa: E402
+from tests.e2e.containerd import GO_V1_SHIM, V1_RUNTIME, Containerd  # noqa: E402
 from tests.e2e.images import build_rootfs  # noqa: E402
 
-RUNTIMES = ["io.containerd.runc.v2", "io.containerd.pyrunc.v2"]
+
+@dataclass
+class Shim:
+    """One shim under test: its label, the containerd that runs it and how to find it."""
+
+    label: str
+    cd: Containerd
+    runtime: str
+    find: Callable[[Containerd, str], int | None]
+    go: bool
+
+    @property
+    def short(self) -> str:
+        return self.label.split()[0].replace("/", "-")
+
+
+def v2_shim_pid(cd: Containerd, container_id: str) -> int | None:
+    pids = cd.shim_pids(container_id)
+    return pids[0] if pids else None
+
+
+def v1_shim_pid(cd: Containerd, container_id: str) -> int | None:
+    try:
+        path = cd.state / V1_RUNTIME / cd.namespace / container_id / "shim.pid"
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def smaps(pid: int) -> dict[str, float]:
@@ -60,16 +91,14 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def run_detached(
-    cd: Containerd, rootfs: Path, runtime: str, ids: list[str], group: str | None
-) -> None:
+def run_detached(shim: Shim, rootfs: Path, ids: list[str], group: str | None) -> None:
     for cid in ids:
-        argv = ["run", "--runtime", runtime, "-d"]
+        argv = ["run", "--runtime", shim.runtime, "-d"]
         if group:
             argv += ["--annotation", f"io.containerd.runc.v2.group={group}"]
-        res = cd.ctr(*argv, "--rootfs", str(rootfs), cid, "/bin/sleep", "600", timeout=60)
+        res = shim.cd.ctr(*argv, "--rootfs", str(rootfs), cid, "/bin/sleep", "600", timeout=60)
         if res.returncode != 0:
-            raise SystemExit(cd.explain(res, f"{runtime}: run -d failed"))
+            raise SystemExit(shim.cd.explain(res, f"{shim.label}: run -d failed"))
 
 
 def remove(cd: Containerd, ids: list[str]) -> None:
@@ -81,33 +110,31 @@ def remove(cd: Containerd, ids: list[str]) -> None:
         cd.ctr("container", "delete", cid)
 
 
-def measure_memory(
-    cd: Containerd, rootfs: Path, runtime: str, count: int, grouped: bool = False
-) -> dict:
+def measure_memory(shim: Shim, rootfs: Path, count: int, grouped: bool = False) -> dict[str, Any]:
     """Memory of the shims of ``count`` running containers: one shim each, or (``grouped``)
     one shim for all of them (the runc.v2 group annotation)."""
-    short = runtime.split(".")[2]
+    cd = shim.cd
     tag = "grp" if grouped else "mem"
-    ids = [cd.track(f"{tag}-{short}-{i}") for i in range(count)]
-    run_detached(cd, rootfs, runtime, ids, f"{tag}-{short}" if grouped else None)
+    ids = [cd.track(f"{tag}-{shim.short}-{i}") for i in range(count)]
+    run_detached(shim, rootfs, ids, f"{tag}-{shim.short}" if grouped else None)
     tasks = cd.tasks()
-    shims: dict[int, dict[str, float]] = {}
-    extra: dict[int, dict[str, float]] = {}
     if grouped:  # one shim, named after the group's first container
         addresses = {(cd.bundle(cid) / "address").read_text() for cid in ids}
         if len(addresses) != 1:
-            raise SystemExit(f"{runtime}: grouped containers have {len(addresses)} shims")
+            raise SystemExit(f"{shim.label}: grouped containers have {len(addresses)} shims")
     containers = {t.pid for t in tasks.values()}
+    shims: dict[int, dict[str, float]] = {}
+    extra: dict[int, dict[str, float]] = {}
     for cid in ids[:1] if grouped else ids:
-        pids = cd.shim_pids(cid)
-        if not pids:
-            raise SystemExit(f"{runtime}: no shim found for {cid}")
-        shims[pids[0]] = smaps(pids[0])
+        pid = shim.find(cd, cid)
+        if pid is None:
+            raise SystemExit(f"{shim.label}: no shim found for {cid}")
+        shims[pid] = smaps(pid)
         # Anything else the shim keeps alive (loggers, helpers), not the containers.
-        kept = [p for p in children(pids[0]) if p not in containers]
-        extra[pids[0]] = {k: sum(smaps(p)[k] for p in kept) for k in ("rss", "pss", "private")}
+        kept = [p for p in children(pid) if p not in containers]
+        extra[pid] = {k: sum(smaps(p)[k] for p in kept) for k in ("rss", "pss", "private")}
     zygote_mem = {"rss": 0.0, "pss": 0.0, "private": 0.0}
-    if "pyrunc" in runtime:
+    if shim.runtime == "io.containerd.pyrunc.v2":
         from containerd_shim import zygote
 
         try:
@@ -120,74 +147,86 @@ def measure_memory(
         return statistics.mean(r[key] for r in rows.values())
 
     return {
-        "runtime": runtime,
+        "shim": shim.label,
+        "runtime": shim.runtime,
+        "go": shim.go,
         "containers": count,
         "shims": len(shims),
-        "shim": {k: mean(shims, k) for k in ("rss", "pss", "private")},
+        "memory": {k: mean(shims, k) for k in ("rss", "pss", "private")},
         "kept_alive": {k: mean(extra, k) for k in ("rss", "pss", "private")},
         "zygote": zygote_mem,
     }
 
 
-def measure_times(cd: Containerd, rootfs: Path, runtimes: list[str], runs: int) -> dict:
-    """``ctr run --rm /bin/true`` per runtime, the runtimes taking turns (a load that
-    comes and goes on the machine hits them alike); one untimed run each first."""
-    times: dict[str, list[float]] = {rt: [] for rt in runtimes}
+def measure_times(shims: list[Shim], rootfs: Path, runs: int) -> dict[str, dict[str, float]]:
+    """``ctr run --rm /bin/true`` per shim, the shims taking turns (a load that comes and
+    goes on the machine hits them alike); one untimed run each first."""
+    times: dict[str, list[float]] = {s.label: [] for s in shims}
     for i in range(-1, runs):
-        for runtime in runtimes:
-            cid = cd.track(f"true-{runtime.split('.')[2]}-{i + 1}")
+        for shim in shims:
+            cid = shim.cd.track(f"true-{shim.short}-{i + 1}")
             start = time.monotonic()
-            res = cd.ctr("run", "--runtime", runtime, "--rm", "--rootfs", str(rootfs), cid,
-                         "/bin/true", timeout=60)  # fmt: skip
+            res = shim.cd.ctr("run", "--runtime", shim.runtime, "--rm", "--rootfs", str(rootfs),
+                              cid, "/bin/true", timeout=60)  # fmt: skip
             elapsed = time.monotonic() - start
             if res.returncode != 0:
-                raise SystemExit(cd.explain(res, f"{runtime}: run --rm failed"))
+                raise SystemExit(shim.cd.explain(res, f"{shim.label}: run --rm failed"))
             if i >= 0:
-                times[runtime].append(elapsed)
+                times[shim.label].append(elapsed)
     return {
-        rt: {"median": statistics.median(t) * 1000, "min": min(t) * 1000, "runs": runs}
-        for rt, t in times.items()
+        label: {"median": statistics.median(t) * 1000, "min": min(t) * 1000, "runs": runs}
+        for label, t in times.items()
     }
 
 
-def per_container(r: dict) -> float:
+def per_container(r: dict[str, Any]) -> float:
     """The shims' PSS (and what they keep alive) per container, plus its share of the zygote."""
-    shims = r["shims"] * (r["shim"]["pss"] + r["kept_alive"]["pss"])
+    shims = r["shims"] * (r["memory"]["pss"] + r["kept_alive"]["pss"])
     return float((shims + r["zygote"]["pss"]) / r["containers"])
 
 
-def report(results: list[dict], times: dict) -> str:
-    go = results[0]
+def _reference(results: list[dict[str, Any]], r: dict[str, Any]) -> dict[str, Any]:
+    """Go's shim of the same API version as ``r``."""
+    v1 = r["runtime"] == V1_RUNTIME
+    return next(g for g in results if g["go"] and (g["runtime"] == V1_RUNTIME) == v1)
+
+
+def _mib(value: float) -> str:
+    return f"{value:.1f} MiB" if value else "-"
+
+
+def report(results: list[dict[str, Any]], times: dict[str, dict[str, float]]) -> str:
     lines = [
-        "| runtime | shim RSS | shim PSS | shim private | + kept alive (PSS) | zygote PSS "
+        "| shim | shim RSS | shim PSS | shim private | + kept alive (PSS) | zygote PSS "
         "| per container PSS | `ctr run --rm /bin/true` median (min) | PSS vs Go "
         "| time vs Go |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
-        s, k, z, t = r["shim"], r["kept_alive"], r["zygote"], times[r["runtime"]]
+        go = _reference(results, r)
+        s, k, z, t = r["memory"], r["kept_alive"], r["zygote"], times[r["shim"]]
         lines.append(
-            f"| {r['runtime']} | {s['rss']:.1f} MiB | {s['pss']:.1f} MiB | {s['private']:.1f} MiB"
-            f" | {k['pss']:.1f} MiB | {z['pss']:.1f} MiB | {per_container(r):.1f} MiB"
+            f"| {r['shim']} | {s['rss']:.1f} MiB | {s['pss']:.1f} MiB | {s['private']:.1f} MiB"
+            f" | {k['pss']:.1f} MiB | {_mib(z['pss'])} | {per_container(r):.1f} MiB"
             f" | {t['median']:.0f} ms ({t['min']:.0f}) "
             f"| {per_container(r) / per_container(go):.2f}x "
-            f"| {t['median'] / times[go['runtime']]['median']:.2f}x |"
+            f"| {t['median'] / times[go['shim']]['median']:.2f}x |"
         )
     return "\n".join(lines)
 
 
-def report_grouped(results: list[dict]) -> str:
-    go = results[0]
+def report_grouped(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| runtime (all containers in one group) | shims | shim PSS | shim private | zygote PSS "
+        "| shim (all containers in one group) | shims | shim PSS | shim private | zygote PSS "
         "| per container PSS | vs Go |",
         "|---|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
-        s, z = r["shim"], r["zygote"]
+        go = _reference(results, r)
+        s, z = r["memory"], r["zygote"]
         lines.append(
-            f"| {r['runtime']} | {r['shims']} | {s['pss']:.1f} MiB | {s['private']:.1f} MiB"
-            f" | {z['pss']:.1f} MiB | {per_container(r):.2f} MiB"
+            f"| {r['shim']} | {r['shims']} | {s['pss']:.1f} MiB | {s['private']:.1f} MiB"
+            f" | {_mib(z['pss'])} | {per_container(r):.2f} MiB"
             f" | {per_container(r) / per_container(go):.2f}x |"
         )
     return "\n".join(lines)
@@ -197,25 +236,44 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--containers", type=int, default=20)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--no-v1", action="store_true", help="only the runtime v2 shims")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/shim.py needs root", file=sys.stderr)
         return 1
-    cd = Containerd.create(namespace=f"bench-{os.getpid()}")
+    base = f"bench-{os.getpid()}"
+    cds = [Containerd.create(namespace=base)]
+    if not args.no_v1:
+        cds.append(Containerd.create(namespace=f"{base}-v1go", v1_shim=GO_V1_SHIM))
+        cds.append(Containerd.create(namespace=f"{base}-v1py", v1_shim="pyrunc"))
     try:
-        rootfs = build_rootfs(cd.tmp / "rootfs")
-        cd.start()
+        rootfs = build_rootfs(cds[0].tmp / "rootfs")
+        for cd in cds:
+            cd.start()
+        shims = [
+            Shim("io.containerd.runc.v2 (Go)", cds[0], "io.containerd.runc.v2", v2_shim_pid, True),
+            Shim("io.containerd.pyrunc.v2 (ours)", cds[0], "io.containerd.pyrunc.v2",
+                 v2_shim_pid, False),
+        ]  # fmt: skip
+        if not args.no_v1:
+            shims += [
+                Shim("v1 containerd-shim (Go)", cds[1], V1_RUNTIME, v1_shim_pid, True),
+                Shim("v1 containerd-shim-pyrunc-v1 (ours)", cds[2], V1_RUNTIME, v1_shim_pid,
+                     False),
+            ]  # fmt: skip
         results, grouped = [], []
-        for runtime in RUNTIMES:
-            print(f"measuring {runtime} ...", file=sys.stderr)
-            results.append(measure_memory(cd, rootfs, runtime, args.containers))
-            grouped.append(measure_memory(cd, rootfs, runtime, args.containers, grouped=True))
+        for shim in shims:
+            print(f"measuring {shim.label} ...", file=sys.stderr)
+            results.append(measure_memory(shim, rootfs, args.containers))
+            if shim.runtime != V1_RUNTIME:  # v1 has no shim groups
+                grouped.append(measure_memory(shim, rootfs, args.containers, grouped=True))
         print("timing ctr run --rm ...", file=sys.stderr)
-        times = measure_times(cd, rootfs, RUNTIMES, args.runs)
+        times = measure_times(shims, rootfs, args.runs)
     finally:
-        cd.cleanup()
-    print(f"{args.containers} containers running per runtime, {args.runs} timed runs each\n")
+        for cd in cds:
+            cd.cleanup()
+    print(f"{args.containers} containers running per shim, {args.runs} timed runs each\n")
     print(report(results, times))
     print(f"\nShim grouping: {args.containers} containers sharing one shim\n")
     print(report_grouped(grouped))
