@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -86,19 +85,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 """
 
 
-def pyrunc_wrapper(module: str) -> str:
-    """This checkout's shim as a binary: the v2 one through the package's fast launcher
-    (what an install uses), the v1 daemon as ``python -m``. PYTHONPATH is for the
-    processes they start (daemon, zygote)."""
+def pyrunc_wrapper(name: str) -> str:
+    """This checkout's shim binary ``name`` through the package's fast launcher (what an
+    install uses). PYTHONPATH is for the processes they start (daemon, zygote)."""
     src = str(REPO / "src")
-    if module == "containerd_shim":
-        return launcher.script(path_entry=src, env={"PYTHONPATH": src})
-    return (
-        "#!/bin/sh\n"
-        f'PYTHONPATH="{src}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
-        "export PYTHONPATH\n"
-        f'exec "{sys.executable}" -m {module} "$@"\n'
-    )
+    return launcher.script(name, path_entry=src, env={"PYTHONPATH": src})
 
 
 def v1_runtime_config(shim: str) -> str:
@@ -266,12 +257,9 @@ class Containerd:
         cd = cls(tmp=tmp, namespace=namespace, extra_env=dict(extra_env or {}))
         for d in (cd.root, cd.state, cd.bin_dir, tmp / "opt"):
             d.mkdir(mode=0o711, parents=True, exist_ok=True)
-        for name, module in (
-            (PYRUNC_SHIM, "containerd_shim"),
-            (PYRUNC_V1_SHIM, "containerd_shim.v1"),
-        ):
+        for name in (PYRUNC_SHIM, PYRUNC_V1_SHIM):
             wrapper = cd.bin_dir / name
-            wrapper.write_text(pyrunc_wrapper(module))
+            wrapper.write_text(pyrunc_wrapper(name))
             wrapper.chmod(0o755)
         config = config_toml(tmp)
         if v1_shim is not None:

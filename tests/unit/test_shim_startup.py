@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -77,15 +78,30 @@ def test_zygote_request_encoding_round_trips() -> None:
             zygote.decode_request(bad)
 
 
-def test_launcher_runs_the_shim_without_site(tmp_path: Path) -> None:
-    path = launcher.install(str(tmp_path))
-    assert os.stat(path).st_mode & 0o777 == 0o755
-    text = Path(path).read_text()
-    assert text.startswith("#!/bin/sh\n") and " -I -S -c " in text
-    res = subprocess.run([path, "-v"], capture_output=True, text=True, timeout=60)
+def test_launchers_run_the_shims_without_site(tmp_path: Path) -> None:
+    paths = launcher.install(str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == [launcher.NAME, launcher.NAME_V1]
+    runtimes = ["io.containerd.pyrunc.v2", "io.containerd.runtime.v1.linux"]
+    for path, runtime in zip(paths, runtimes, strict=True):
+        assert os.stat(path).st_mode & 0o777 == 0o755
+        text = Path(path).read_text()
+        assert text.startswith("#!/bin/sh\n") and " -I -S -c " in text
+        res = subprocess.run([path, "-v"], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines()[0] == f"{os.path.basename(path)}:"
+        assert runtime in res.stdout
+
+
+def test_v1_launcher_reaches_protobuf_without_site() -> None:
+    """The v1 daemon needs protobuf: its launcher puts protobuf's directory on the path."""
+    root = launcher._protobuf_root()
+    assert json.dumps(root) in launcher.script(launcher.NAME_V1)
+    assert json.dumps(root) not in launcher.script(launcher.NAME)
+    code = f"import sys; sys.path += {[SRC, root]!r}; import containerd_shim.v1, google.protobuf"
+    res = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines()[0] == "containerd-shim-pyrunc-v2:"
-    assert "io.containerd.pyrunc.v2" in res.stdout
 
 
 @pytest.mark.parametrize("left_behind", [False, True])
