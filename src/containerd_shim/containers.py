@@ -57,6 +57,26 @@ __all__ = [
 OPTIONS_FILE = "options.json"
 
 
+class CheckpointOptions(Protocol):
+    """containerd's runc checkpoint options (the v2 ``containerd.runc.v1.CheckpointOptions``
+    and the v1 ``containerd.linux.runc.CheckpointOptions`` share these fields)."""
+
+    @property
+    def exit(self) -> bool: ...
+    @property
+    def open_tcp(self) -> bool: ...
+    @property
+    def external_unix_sockets(self) -> bool: ...
+    @property
+    def terminal(self) -> bool: ...
+    @property
+    def file_locks(self) -> bool: ...
+    @property
+    def image_path(self) -> str: ...
+    @property
+    def work_path(self) -> str: ...
+
+
 class EventSink(Protocol):
     """Where task events go (:class:`containerd_shim.events.Publisher` and friends)."""
 
@@ -423,24 +443,18 @@ class Containers:
         execs = {p.pid: p.id for p in container.all_processes() if isinstance(p, ExecProcess)}
         return [(pid, execs.get(pid, "")) for pid in pids]
 
-    def checkpoint(
-        self,
-        container: Container,
-        *,
-        image: str,
-        work: str,
-        exit_after: bool,
-        flags: Sequence[str],
-    ) -> None:
+    def checkpoint(self, container: Container, options: CheckpointOptions, path: str) -> None:
+        """``runc checkpoint`` into ``options.image_path``, else the request's ``path``."""
+        image = options.image_path or path
         if not image:
             raise invalid_argument("checkpoint needs an image path")
         try:
             container.init.runc.checkpoint(
                 container.id,
                 image_path=image,
-                work_path=work or os.path.join(container.bundle, "criu-work"),
-                exit_after=exit_after,
-                options=flags,
+                work_path=options.work_path or os.path.join(container.bundle, "criu-work"),
+                exit_after=options.exit,
+                options=_checkpoint_flags(options),
             )
         except RuncError as exc:
             raise RpcError(Code.FAILED_PRECONDITION, f"checkpoint failed: {exc.message}") from None
@@ -478,17 +492,15 @@ class Containers:
         return self.cgroups.stats(container.id, container.init.pid)
 
 
-def checkpoint_flags(
-    *, open_tcp: bool, external_unix_sockets: bool, terminal: bool, file_locks: bool
-) -> list[str]:
+def _checkpoint_flags(options: CheckpointOptions) -> list[str]:
     """runc checkpoint flags for containerd's checkpoint options."""
     flags = []
-    if open_tcp:
+    if options.open_tcp:
         flags.append("--tcp-established")
-    if external_unix_sockets:
+    if options.external_unix_sockets:
         flags.append("--ext-unix-sk")
-    if terminal:
+    if options.terminal:
         flags.append("--shell-job")
-    if file_locks:
+    if options.file_locks:
         flags.append("--file-locks")
     return flags

@@ -78,11 +78,12 @@ def any_of(message: Message) -> Any:
 class Publisher:
     """Forwards events to containerd from a background thread."""
 
-    def __init__(self, address: str, namespace: str, *, queue_limit: int = QUEUE_LIMIT) -> None:
+    def __init__(self, address: str, namespace: str, *, queue_limit: int | None = None) -> None:
+        """``queue_limit`` None: :func:`queue_limit_from_env`."""
         self.address = address
         self.namespace = namespace
         self._queue: collections.deque[Envelope] = collections.deque()
-        self._limit = queue_limit
+        self._limit = queue_limit_from_env() if queue_limit is None else queue_limit
         self._cond = threading.Condition()
         self._closed = False
         self._idle = threading.Event()
@@ -203,7 +204,7 @@ class BinaryPublisher(Publisher):
         namespace: str,
         reaper: Reaper,
         *,
-        queue_limit: int = QUEUE_LIMIT,
+        queue_limit: int | None = None,
         timeout: float = SEND_TIMEOUT,
     ) -> None:
         self.binary = binary

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from containerd_shim.flags import Flags
 
 if TYPE_CHECKING:
+    import ttrpc.blocking
     from containerd_shim.process import Stdio
     from containerd_shim.reaper import Reaper
     from containerd_shim.stdio import ProcessIO
@@ -134,11 +135,21 @@ def io_factory(
     return make_io
 
 
+def ttrpc_server() -> ttrpc.blocking.Server:
+    """The server of a shim daemon (v2 and v1): same-user peers only, and no write timeout
+    (a hang-up makes containerd take the shim for dead and clean up its containers; a
+    containerd too busy to read stays connected, as with Go's shims)."""
+    import ttrpc
+    import ttrpc.blocking
+
+    return ttrpc.blocking.Server(handshake=ttrpc.require_same_user(), write_timeout=None)
+
+
 def serve(flags: Flags) -> int:
     """Run the daemon until Shutdown or SIGTERM; the listener is fd 3 (or ``-socket``)."""
     import ttrpc
     import ttrpc.blocking
-    from containerd_shim.events import Publisher, queue_limit_from_env
+    from containerd_shim.events import Publisher
     from containerd_shim.reaper import Reaper
     from containerd_shim.service import TaskService
 
@@ -152,9 +163,7 @@ def serve(flags: Flags) -> int:
 
     reaper = Reaper()
     reaper.start()
-    publisher = Publisher(
-        os.environ.get("TTRPC_ADDRESS", ""), flags.namespace, queue_limit=queue_limit_from_env()
-    )
+    publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
 
     make_io = io_factory(reaper)
 
@@ -174,9 +183,7 @@ def serve(flags: Flags) -> int:
         on_shutdown=stop.stop,
         cgroups=cgroups,
     )
-    # No write timeout: a hang-up makes containerd take the shim for dead and clean up its
-    # containers; a containerd too busy to read stays connected, as with Go's shims.
-    server = ttrpc.blocking.Server(handshake=ttrpc.require_same_user(), write_timeout=None)
+    server = ttrpc_server()
     desc = service.__ttrpc_service__()
     server.register(desc)
     # containerd 2.x speaks the same API as containerd.task.v3.Task.

@@ -23,7 +23,6 @@ from containerd_shim.containers import (
     Container,
     Containers,
     EventSink,
-    checkpoint_flags,
     make_runc,
     read_options,
     timestamp,
@@ -175,18 +174,7 @@ class TaskService(TaskBlockingService):
         opts = CheckpointOptions()
         if request.HasField("options") and request.options.value:
             opts.ParseFromString(request.options.value)
-        self.containers.checkpoint(
-            container,
-            image=opts.image_path or request.path,
-            work=opts.work_path,
-            exit_after=opts.exit,
-            flags=checkpoint_flags(
-                open_tcp=opts.open_tcp,
-                external_unix_sockets=opts.external_unix_sockets,
-                terminal=opts.terminal,
-                file_locks=opts.file_locks,
-            ),
-        )
+        self.containers.checkpoint(container, opts, request.path)
         return Empty()
 
     def Update(self, request: api.UpdateTaskRequest, ctx: Context | None = None) -> Empty:

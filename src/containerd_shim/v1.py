@@ -50,7 +50,6 @@ from containerd_shim.containers import (
     Container,
     Containers,
     EventSink,
-    checkpoint_flags,
     timestamp,
 )
 from containerd_shim.errors import already_exists, failed_precondition, invalid_argument
@@ -248,18 +247,7 @@ class ShimV1Service(ShimBlockingService):
             if not request.options.type_url.endswith(CHECKPOINT_OPTIONS_TYPE):
                 raise invalid_argument(f"unsupported checkpoint options {request.options.type_url}")
             opts.ParseFromString(request.options.value)
-        self.containers.checkpoint(
-            container,
-            image=opts.image_path or request.path,
-            work=opts.work_path,
-            exit_after=opts.exit,
-            flags=checkpoint_flags(
-                open_tcp=opts.open_tcp,
-                external_unix_sockets=opts.external_unix_sockets,
-                terminal=opts.terminal,
-                file_locks=opts.file_locks,
-            ),
-        )
+        self.containers.checkpoint(container, opts, request.path)
         return Empty()
 
     def Kill(self, request: api.KillRequest, ctx: Context | None = None) -> Empty:
@@ -367,9 +355,8 @@ def _setup_logging(flags: Flags) -> None:
 
 def serve(flags: Flags) -> int:
     """Serve the v1 Shim API on fd 3 (or ``-socket``) until SIGTERM or SIGINT."""
-    import ttrpc.blocking
-    from containerd_shim.events import BinaryPublisher, queue_limit_from_env
-    from containerd_shim.serve import StopRequest, io_factory, set_subreaper
+    from containerd_shim.events import BinaryPublisher
+    from containerd_shim.serve import StopRequest, io_factory, set_subreaper, ttrpc_server
 
     if not flags.namespace:
         raise SystemExit("shim namespace cannot be empty")
@@ -382,11 +369,7 @@ def serve(flags: Flags) -> int:
     reaper = Reaper()
     reaper.start()
     publisher = BinaryPublisher(
-        flags.containerd_binary or "containerd",
-        flags.address,
-        flags.namespace,
-        reaper,
-        queue_limit=queue_limit_from_env(),
+        flags.containerd_binary or "containerd", flags.address, flags.namespace, reaper
     )
     config = ShimConfig(
         path=os.getcwd(),
@@ -403,9 +386,7 @@ def serve(flags: Flags) -> int:
         make_io=io_factory(reaper),
         flush=publisher.flush,
     )
-    # No write timeout: a hang-up makes containerd take the shim for dead and clean up its
-    # containers; a containerd too busy to read stays connected, as with Go's shims.
-    server = ttrpc.blocking.Server(handshake=ttrpc.require_same_user(), write_timeout=None)
+    server = ttrpc_server()
     server.register(service)
     server.start(listener)
     log.info("serving %s on %s, pid %d", RUNTIME, flags.socket or "inherited socket", os.getpid())
