@@ -478,18 +478,20 @@ class _Connection:
     def _sent(self, nbytes: int) -> None:
         """Some bytes went out (the writer's job continues)."""
         with self._lock:
-            self._out_bytes -= nbytes
-            if self._backlogged and self._out_bytes <= OUTPUT_LOW_WATER:
-                self._unblock()
+            self._count_sent(nbytes)
+
+    def _count_sent(self, nbytes: int) -> None:
+        """Lock held: ``nbytes`` left the output; unblock the reader once it drained."""
+        self._out_bytes -= nbytes
+        if self._backlogged and self._out_bytes <= OUTPUT_LOW_WATER:
+            self._unblock()
 
     def _next_batch(self, nbytes: int) -> bytes | None:
         """The writer sent ``nbytes``, all it had: what was queued meanwhile, or None (the
         writer's job is over)."""
         close = False
         with self._lock:
-            self._out_bytes -= nbytes
-            if self._backlogged and self._out_bytes <= OUTPUT_LOW_WATER:
-                self._unblock()
+            self._count_sent(nbytes)
             out = self._out
             if out and not self._closed:
                 self._out = []
