@@ -67,7 +67,6 @@ class _Connection(asyncio.BufferedProtocol):
         self._streams: dict[int, ServerStream] = {}
         self._closing = False
         self._wbuf = bytearray()
-        self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._paused = 0  # _PAUSED_* reasons
         self._stall_timer: asyncio.TimerHandle | None = None
@@ -99,7 +98,6 @@ class _Connection(asyncio.BufferedProtocol):
             self._closing = True
             server._refuse(transport, limit)
             return
-        # Reading into one kept buffer spares a fresh allocation (and its page faults) per read.
         # Reading into one kept buffer spares a fresh allocation (and its page faults) per read.
         self._view = read_buffer()
         server._connections.add(self)
@@ -351,12 +349,14 @@ class _Connection(asyncio.BufferedProtocol):
     # Until it drains, no more requests are read, no new unary handler starts and stream
     # senders wait (ServerStream.send), so what is buffered stays bounded.
 
+    @property
+    def _write_paused(self) -> bool:
+        return bool(self._paused & _PAUSED_WRITE)
+
     def pause_writing(self) -> None:
-        self._write_paused = True
         self._pause(_PAUSED_WRITE)
 
     def resume_writing(self) -> None:
-        self._write_paused = False
         waiters, self._drain_waiters = self._drain_waiters, []
         for future in waiters:
             if not future.done():
