@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
 
-from tests.e2e.containerd import GO_V1_SHIM, V1_RUNTIME, Containerd  # noqa: E402
+from tests.e2e.containerd import (  # noqa: E402
+    GO_V1_SHIM,
+    V1_RUNTIME,
+    Containerd,
+    shim_python,
+    zygote_socket_path,
+)
 from tests.e2e.images import build_rootfs  # noqa: E402
 
 
@@ -135,11 +142,9 @@ def measure_memory(shim: Shim, rootfs: Path, count: int, grouped: bool = False) 
         extra[pid] = {k: sum(smaps(p)[k] for p in kept) for k in ("rss", "pss", "private")}
     zygote_mem = {"rss": 0.0, "pss": 0.0, "private": 0.0}
     if shim.runtime == "io.containerd.pyrunc.v2":
-        from containerd_shim import zygote
-
         try:
-            zygote_mem = smaps(int(Path(zygote.socket_path() + ".pid").read_text()))
-        except (OSError, ValueError):
+            zygote_mem = smaps(int(Path(zygote_socket_path() + ".pid").read_text()))
+        except (OSError, ValueError, subprocess.CalledProcessError):
             print("no zygote found", file=sys.stderr)
     remove(cd, ids)
 
@@ -273,7 +278,10 @@ def main() -> int:
     finally:
         for cd in cds:
             cd.cleanup()
-    print(f"{args.containers} containers running per shim, {args.runs} timed runs each\n")
+    version = subprocess.run([shim_python(), "-c", "import sys; print(sys.version.split()[0])"],
+                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+    print(f"{args.containers} containers running per shim, {args.runs} timed runs each; "
+          f"our shims on Python {version} ({shim_python()})\n")  # fmt: skip
     print(report(results, times))
     print(f"\nShim grouping: {args.containers} containers sharing one shim\n")
     print(report_grouped(grouped))

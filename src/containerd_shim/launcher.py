@@ -42,7 +42,15 @@ def package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _protobuf_root() -> str:
+def _protobuf_root(python: str = sys.executable) -> str:
+    """The directory holding the ``google`` package of ``python``'s protobuf."""
+    if python != sys.executable:
+        import subprocess
+
+        find = "import containerd_shim.launcher as l; print(l._protobuf_root())"
+        env = dict(os.environ, PYTHONPATH=package_root())
+        out = subprocess.run([python, "-c", find], check=True, capture_output=True, env=env)
+        return out.stdout.decode().strip()
     import google.protobuf
 
     # google/protobuf/__init__.py -> the directory holding the ``google`` package
@@ -65,7 +73,7 @@ def script(
 
     entries = [path_entry or package_root()]
     if name == NAME_V1:
-        entries.append(_protobuf_root())
+        entries.append(_protobuf_root(python))
     bootstrap = (
         f"import sys; sys.argv[0] = {json.dumps(name)}; sys.path += {json.dumps(entries)}; "
         f"from {_MODULES[name]} import main; sys.exit(main())"
@@ -102,8 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         description=f"Write fast launchers for {NAME} and {NAME_V1}.",
     )
     parser.add_argument("--bindir", default="/usr/local/sbin", help="where (default %(default)s)")
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the interpreter the shims run on (default: this one); CPython 3.12+ lets "
+        "the shims share most of their memory (docs/benchmarks.md)",
+    )
     args = parser.parse_args(argv)
-    for path in install(args.bindir):
+    for path in install(args.bindir, python=args.python):
         print(path)
     return 0
 

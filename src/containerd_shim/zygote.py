@@ -310,6 +310,10 @@ def _action_args(argv: list[str]) -> list[str]:
 
 def _serve_child(conn: _socket.socket, request: Request, fds: list[int]) -> None:
     """The forked intermediate: fork the daemon, report its pid, exit."""
+    if request[2].get("PYRUNC_RECORD_CODE"):
+        from containerd_shim.prefork import record_code
+
+        record_code(request[2]["PYRUNC_RECORD_CODE"])
     area = _argv_area()
     pid = os.fork()
     if pid:
@@ -384,6 +388,16 @@ def _reap() -> None:
         pass
 
 
+def _shape_memory() -> None:
+    """See :mod:`containerd_shim.prefork`; ``PYRUNC_PREFORK`` picks its steps (``none``, or
+    some of ``seal,pack,types,immortal``) for measuring what each buys."""
+    from containerd_shim import prefork
+
+    chosen = os.environ.get("PYRUNC_PREFORK")
+    steps = prefork.STEPS if chosen is None else tuple(chosen.split(","))
+    prefork.shape(tuple(s for s in steps if s in prefork.STEPS))
+
+
 def run(path: str) -> int:
     """The zygote's main loop (``python -m containerd_shim.zygote PATH``)."""
     import contextlib
@@ -418,6 +432,7 @@ def run(path: str) -> int:
         f.write(str(os.getpid()))
     os.rename(path + ".pid.tmp", path + ".pid")
     gc.collect()
+    _shape_memory()
     gc.freeze()  # forked children never touch the pre-imported objects' GC headers
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)

@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -85,11 +86,32 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 """
 
 
+def shim_python() -> str:
+    """The interpreter our shims run on: ``PYRUNC_SHIM_PYTHON``, else the one
+    ``scripts/setup`` chose (``build/shim-python``: a CPython 3.12+ when there is one,
+    whose immortal objects let forked shims share the zygote's memory), else this one."""
+    chosen = os.environ.get("PYRUNC_SHIM_PYTHON")
+    if not chosen:
+        with contextlib.suppress(OSError):
+            chosen = (REPO / "build" / "shim-python").read_text().strip()
+    return chosen or sys.executable
+
+
+def zygote_socket_path() -> str:
+    """Where our shims' zygote listens. The name depends on the shims' interpreter, so
+    that interpreter is asked."""
+    ask = "from containerd_shim import zygote; print(zygote.socket_path())"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    out = subprocess.run([shim_python(), "-c", ask], env=env, capture_output=True, check=True)
+    return out.stdout.decode().strip()
+
+
 def pyrunc_wrapper(name: str) -> str:
     """This checkout's shim binary ``name`` through the package's fast launcher (what an
-    install uses). PYTHONPATH is for the processes they start (daemon, zygote)."""
+    install uses), on :func:`shim_python`. PYTHONPATH is for the processes they start
+    (daemon, zygote)."""
     src = str(REPO / "src")
-    return launcher.script(name, path_entry=src, env={"PYTHONPATH": src})
+    return launcher.script(name, python=shim_python(), path_entry=src, env={"PYTHONPATH": src})
 
 
 def v1_runtime_config(shim: str) -> str:

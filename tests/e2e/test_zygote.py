@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from containerd_shim import zygote
-
 from .conftest import PY_RUNTIME
-from .containerd import Containerd, process_alive, wait_for
+from .containerd import Containerd, process_alive, wait_for, zygote_socket_path
 from .harness import E2E, wait_gone
 
 SLEEPER = ("/bin/sleep", "1000")
@@ -90,7 +88,7 @@ def test_shims_are_forked_by_the_zygote_and_outlive_it(py: E2E) -> None:
     # A zygote that cannot start (its socket path is taken): `start` spawns the daemon itself.
     os.kill(new_zygote, signal.SIGKILL)
     wait_gone(cd, new_zygote)
-    path = zygote.socket_path()
+    path = zygote_socket_path()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     os.mkdir(path)
