@@ -9,7 +9,10 @@ TYPE_CHECKING = False  # not typing's: importing typing costs ``start`` more tha
 if TYPE_CHECKING:
     from hashlib import sha256
 else:
-    try:  # CPython 3.11's built-in implementation
-        from _sha256 import sha256
-    except ImportError:  # pragma: no cover
-        from hashlib import sha256
+    try:  # CPython 3.12+'s built-in implementation
+        from _sha2 import sha256
+    except ImportError:
+        try:  # 3.11's
+            from _sha256 import sha256
+        except ImportError:  # pragma: no cover
+            from hashlib import sha256

@@ -177,18 +177,18 @@ def assign_type_versions() -> int:
 
 def _obmalloc_free_blocks() -> dict[int, int]:
     """Free blocks in obmalloc's partly used pools: {block size: count}."""
-    import tempfile
-
-    with tempfile.TemporaryFile() as out:
-        saved = os.dup(2)
-        try:
-            sys.stderr.flush()
-            os.dup2(out.fileno(), 2)
-            sys._debugmallocstats()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        out.seek(0)
+    # Into a pipe (the report is a few KiB): tempfile would import half the standard library.
+    reader, writer = os.pipe()
+    saved = os.dup(2)
+    try:
+        sys.stderr.flush()
+        os.dup2(writer, 2)
+        sys._debugmallocstats()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(writer)
+    with os.fdopen(reader, "rb") as out:
         text = out.read().decode(errors="replace")
     free: dict[int, int] = {}
     for line in text.splitlines():

@@ -189,31 +189,28 @@ def _preload() -> None:
     import ttrpc.blocking  # noqa: F401
 
 
-# What ``start`` and ``delete`` import (cgroupfs: only with a shim cgroup).
-_CLIENT_MODULES = (
-    "__init__", "__main__", "cgroupfs", "digest", "flags", "ids", "launcher", "manager",
-    "mountinfo", "zygote",
-)  # fmt: skip
+def _compile_packages() -> None:
+    """Write the bytecode caches of this package and ttrpc where they are missing or stale,
+    in a forked child, before the zygote imports them.
 
-
-def _compile_clients() -> None:
-    """Write the bytecode caches of the modules ``start`` and ``delete`` import, once.
-
-    Those run as fresh interpreters per container; where PYTHONDONTWRITEBYTECODE
-    is set nothing else writes the caches and each of them would compile these
-    modules again. (What ``compileall`` at install time would do; a read-only
-    install just keeps compiling.)
+    The zygote would otherwise compile whatever has no cache for this interpreter
+    (shims may run on another Python than the one the package was installed with), and
+    keep the compiler's garbage; ``start`` and ``delete`` run as fresh interpreters per
+    container and would compile their modules each time. (What ``compileall`` at install
+    time does; a read-only install just goes without.)
     """
-    import importlib.util
-    import py_compile
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    try:
+        import compileall
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in _CLIENT_MODULES:
-        source = os.path.join(here, f"{name}.py")
-        try:
-            py_compile.compile(source, cfile=importlib.util.cache_from_source(source), doraise=True)
-        except Exception:  # a read-only install: they keep compiling
-            continue
+        root = package_root()
+        for name in ("containerd_shim", "ttrpc"):
+            compileall.compile_dir(os.path.join(root, name), quiet=2)
+    finally:
+        os._exit(0)
 
 
 def _argv_area() -> tuple[int, int]:
@@ -413,12 +410,12 @@ def run(path: str) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return 0  # another zygote runs (or is starting) for this path
+    _compile_packages()
     _preload()
     from containerd_shim.manager import adjust_oom_score
 
     with contextlib.suppress(OSError, ValueError):
         adjust_oom_score(os.getpid(), os.getpid())  # like a shim: one above who started it
-    _compile_clients()
     area = _argv_area()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

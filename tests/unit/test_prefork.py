@@ -131,7 +131,9 @@ def test_packed_functions_run_the_same_code_from_copies_side_by_side(
 
 
 def test_sealed_free_space_is_gone(python312: str) -> None:
-    out = run(python312, """
+    out = run(
+        python312,
+        """
         import json
         from containerd_shim import prefork, zygote
 
@@ -142,7 +144,8 @@ def test_sealed_free_space_is_gone(python312: str) -> None:
         before = free()
         prefork.seal_free_space()
         print(json.dumps([before, free()]))
-    """)
+    """,
+    )
     (heap_before, blocks_before), (heap_after, blocks_after) = json.loads(out)
     assert heap_before > 16 * 1024  # a preloaded zygote has holes
     assert heap_after < min(heap_before, 64 * 1024), (heap_before, heap_after)
