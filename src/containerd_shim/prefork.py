@@ -33,9 +33,15 @@ import os
 import sys
 import types
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ctypes
+    from collections.abc import Callable
+
 __all__ = [
-    "HOT_CODE", "STEPS", "assign_type_versions", "code_key", "immortalize", "known_keys",
-    "load_hot_code", "pack_code", "record_code", "seal_free_space", "shape",
+    "HOT_CODE", "STEPS", "assign_dict_versions", "assign_type_versions", "code_key",
+    "immortalize", "known_keys", "load_hot_code", "pack_code", "record_code",
+    "seal_free_space", "shape",
 ]  # fmt: skip
 
 STEPS = ("seal", "pack", "types", "immortal")
@@ -147,11 +153,70 @@ def pack_code(keys: list[str]) -> int:
 
     for i in range(len(hot)):
         copy(i)
+    # Assigning __code__ clears the function's version, which the interpreter would assign
+    # again at the first call it specialises in each child: a write into every packed
+    # function. The old version stays right: 3.12 versions a function by its code, and
+    # the copy is the same code.
+    version_of = _function_version_field()
     for f in functions:
         at = index.get(id(f.__code__))
         if at is not None:
+            version = version_of(f).value if version_of else 0
             f.__code__ = copy(at)
+            if version_of and version:
+                version_of(f).value = version
     return len(hot)
+
+
+# CPython 3.12's PyFunctionObject on 64-bit builds: where vectorcall and func_version lie.
+_VECTORCALL_AT = 128
+_FUNC_VERSION_AT = 136
+
+
+def _function_version_field() -> Callable[[types.FunctionType], ctypes.c_uint32] | None:
+    """The ``func_version`` field of a function (CPython 3.12), or None where the layout
+    is not the one checked here: a new function's vectorcall is
+    ``_PyFunction_Vectorcall`` and its version non-zero, and assigning ``__code__``
+    clears that version."""
+    if sys.implementation.name != "cpython" or sys.version_info[:2] != (3, 12):
+        return None
+    if sys.maxsize < 2**32:
+        return None
+    import ctypes
+
+    vectorcall = ctypes.cast(ctypes.pythonapi._PyFunction_Vectorcall, ctypes.c_void_p).value
+
+    def field(f: types.FunctionType) -> ctypes.c_uint32:
+        return ctypes.c_uint32.from_address(id(f) + _FUNC_VERSION_AT)
+
+    def probe() -> None:
+        pass
+
+    if ctypes.c_void_p.from_address(id(probe) + _VECTORCALL_AT).value != vectorcall:
+        return None
+    if field(probe).value == 0:
+        return None
+    probe.__code__ = probe.__code__.replace()
+    if field(probe).value != 0:
+        return None
+    return field
+
+
+_PROBE = compile("def probe():\n    for _ in range(8):\n        __name__\n", "<prefork>", "exec")
+
+
+def assign_dict_versions() -> int:
+    """Run a global-name lookup a few times in every module: the specialising interpreter
+    then gives the module's namespace (and the builtins) the version its caches check,
+    a write into the dictionary's keys that every forked shim would otherwise make."""
+    code = next(c for c in _PROBE.co_consts if isinstance(c, types.CodeType))
+    modules = [
+        m for m in list(sys.modules.values()) if isinstance(getattr(m, "__dict__", None), dict)
+    ]
+    for module in modules:
+        if "__name__" in module.__dict__:
+            types.FunctionType(code, module.__dict__)()
+    return len(modules)
 
 
 def _all_types() -> list[type]:
@@ -311,8 +376,12 @@ def shape(steps: tuple[str, ...] | list[str] = STEPS, hot_code: str = HOT_CODE) 
         pack_code(load_hot_code(hot_code))
     if "types" in steps:
         assign_type_versions()
+        assign_dict_versions()
     gc.collect()
     if "immortal" in steps:
         immortalize()
     if "seal" in steps:
+        # A full collection empties the free lists of tuples, floats, lists, dicts...: blocks
+        # all over the heap that a child would take first. Empty, the seal takes them.
+        gc.collect()
         seal_free_space()

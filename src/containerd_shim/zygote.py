@@ -264,8 +264,13 @@ def _become(request: Request, keep: dict[int, int]) -> None:
     global _IN_CHILD
     _IN_CHILD = True
     _op, argv, env, cwd = request
-    os.environ.clear()
-    os.environ.update(env)
+    # Only what differs: the zygote's environment is most often the very one asked for,
+    # and rewriting all of it would copy the pages it lies on into each child.
+    for key in [k for k in os.environ if k not in env]:
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
     os.chdir(cwd)
     devnull = os.open(os.devnull, os.O_RDWR)
     targets = {0: devnull, 1: devnull, 2: devnull, **keep}
