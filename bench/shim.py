@@ -163,12 +163,17 @@ def measure_memory(shim: Shim, rootfs: Path, count: int, grouped: bool = False) 
     }
 
 
-def measure_times(shims: list[Shim], rootfs: Path, runs: int) -> dict[str, dict[str, float]]:
+def measure_times(
+    shims: list[Shim], rootfs: Path, runs: int, settle: float = 0.3
+) -> dict[str, dict[str, float]]:
     """``ctr run --rm /bin/true`` per shim, the shims taking turns (a load that comes and
     goes on the machine hits them alike); one untimed run each first."""
     times: dict[str, list[float]] = {s.label: [] for s in shims}
     for i in range(-1, runs):
         for shim in shims:
+            # A pause first: neither shim pays for what another leaves running after its
+            # run (containerd cleans up after a shim asynchronously).
+            time.sleep(settle)
             cid = shim.cd.track(f"true-{shim.short}-{i + 1}")
             start = time.monotonic()
             res = shim.cd.ctr("run", "--runtime", shim.runtime, "--rm", "--rootfs", str(rootfs),

@@ -7,7 +7,7 @@ import sys
 
 from containerd_shim.flags import parse
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 
 def _self_argv() -> list[str]:
@@ -91,6 +91,26 @@ def main(argv: list[str] | None = None) -> int:
         # containerd shows this text (stdout and stderr together) as the failure.
         sys.stderr.write(f"io.containerd.pyrunc.v2: {exc}")
         return 1
+
+
+def run() -> None:
+    """:func:`main`, then exit without the interpreter's teardown (the launchers' entry).
+
+    ``start`` and ``delete`` run once per container and containerd waits for them;
+    tearing down the modules they imported costs more than some of their work. What
+    they write goes out through ``os`` calls or the flushed standard streams.
+    """
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            sys.stderr.write(exc.code + "\n")
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -74,9 +74,13 @@ def script(
     entries = [path_entry or package_root()]
     if name == NAME_V1:
         entries.append(_protobuf_root(python))
+    entry = (
+        "from containerd_shim.__main__ import run; run()"
+        if name == NAME
+        else (f"from {_MODULES[name]} import main; sys.exit(main())")
+    )
     bootstrap = (
-        f"import sys; sys.argv[0] = {json.dumps(name)}; sys.path += {json.dumps(entries)}; "
-        f"from {_MODULES[name]} import main; sys.exit(main())"
+        f"import sys; sys.argv[0] = {json.dumps(name)}; sys.path += {json.dumps(entries)}; " + entry
     )
     lines = ["#!/bin/sh", f"# {name}: written by python -m containerd_shim.launcher"]
     for key, value in (env or {}).items():

@@ -73,6 +73,10 @@ def enabled() -> bool:
     return os.environ.get("PYRUNC_ZYGOTE", "1") not in ("0", "false", "no", "")
 
 
+# Not part of what a daemon runs: their changes need no new zygote.
+_UNUSED_BY_DAEMONS = frozenset(("__pycache__", "cli", "codegen"))
+
+
 def _fingerprint() -> str:
     h = sha256(f"{os.getuid()}\0{sys.executable}\0{sys.version}".encode())
     # Both packages ship in one distribution: they sit side by side.
@@ -80,14 +84,20 @@ def _fingerprint() -> str:
     for name in ("containerd_shim", "ttrpc"):
         top = os.path.join(root, name)
         h.update(f"\0{name}={top}".encode())
-        for path, dirs, files in os.walk(top):
-            dirs[:] = [d for d in dirs if d != "__pycache__"]
-            for f in files:
-                if f.endswith(".py"):
+        dirs = [top]
+        while dirs:
+            try:
+                entries = sorted(os.scandir(dirs.pop()), key=lambda e: e.name)
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.name.endswith(".py"):
                     try:  # noqa: SIM105 (no contextlib in ``start``)
-                        h.update(b"%d" % os.stat(os.path.join(path, f)).st_mtime_ns)
+                        h.update(b"%d" % entry.stat().st_mtime_ns)
                     except OSError:
                         pass
+                elif entry.name not in _UNUSED_BY_DAEMONS and entry.is_dir():
+                    dirs.append(entry.path)
     return h.hexdigest()[:16]
 
 

@@ -137,7 +137,9 @@ def test_packed_functions_keep_their_versions_and_specialised_calls_stay_right(
         "def add(x):\n    return x + 1\n\n"
         "def loop(n):\n    t = 0\n    for i in range(n):\n        t += add(i)\n    return t\n"
     )
-    out = run(python312, """
+    out = run(
+        python312,
+        """
         import ctypes
         from containerd_shim import prefork
         import vermod
@@ -154,7 +156,9 @@ def test_packed_functions_keep_their_versions_and_specialised_calls_stay_right(
         assert version(vermod.add).value != before
         assert vermod.loop(100) == 5150
         print("ok")
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert out.strip() == "ok"
 
 
