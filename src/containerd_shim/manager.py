@@ -9,14 +9,16 @@ and answers with a protobuf DeleteResponse on stdout.
 
 from __future__ import annotations
 
-import _socket  # not ``socket``: that imports enum and selectors, ~8 ms per ``start``
 import os
 import sys
 import time
 
-from containerd_shim.digest import sha256
 from containerd_shim.flags import Flags
 from containerd_shim.ids import ID_RULE, MAX_ID, is_valid_id
+
+TYPE_CHECKING = False  # not typing's: ``start`` and ``delete`` import as little as they can
+if TYPE_CHECKING:
+    import _socket
 
 # ``start`` imports nothing heavy (no protobuf, no ttrpc, not even json or contextlib): it
 # runs once per container, in an interpreter without site-packages (containerd_shim.launcher).
@@ -33,6 +35,8 @@ GROUP_LABELS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
 
 def socket_address(containerd_address: str, namespace: str, group: str) -> str:
     """``unix:///run/containerd/s/<sha256 of address/namespace/id>``, as containerd's shims do."""
+    from containerd_shim.digest import sha256
+
     digest = sha256(os.path.join(containerd_address, namespace, group).encode()).hexdigest()
     return f"unix://{SOCKET_DIR}/{digest}"
 
@@ -42,7 +46,10 @@ def _path(address: str) -> str:
 
 
 def _unix_socket() -> _socket.socket:
-    """A close-on-exec unix stream socket."""
+    """A close-on-exec unix stream socket (``_socket``, not ``socket``: that imports enum and
+    selectors, ~8 ms per ``start``; imported here, ``delete`` does without)."""
+    import _socket
+
     return _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
 
 

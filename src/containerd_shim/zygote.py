@@ -38,14 +38,15 @@ from __future__ import annotations
 
 import _socket
 import os
-import struct
 import sys
 import time
 
 from containerd_shim.digest import sha256
 from containerd_shim.launcher import package_root
 
-__all__ = ["IDLE_SECONDS", "enabled", "in_child", "launch", "request", "socket_path"]
+__all__ = [
+    "IDLE_SECONDS", "enabled", "in_child", "launch", "request", "socket_path", "spare_title",
+]  # fmt: skip
 
 SOCKET_DIR = "/run/containerd/s"
 IDLE_SECONDS = float(os.environ.get("PYRUNC_ZYGOTE_IDLE", "600"))
@@ -129,9 +130,30 @@ def decode_request(payload: bytes) -> tuple[str, list[str], dict[str, str], str]
     return op, argv, env, cwd
 
 
+# Integers on the wire by hand: ``struct`` would cost every ``start`` an import.
+def _int32(value: int) -> bytes:
+    """A status or pid as the zygote answers it (4 bytes, big-endian, signed)."""
+    return value.to_bytes(4, "big", signed=True)
+
+
+def _pack_fds(fds: list[int]) -> bytes:
+    return b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
+
+
+def _unpack_fds(data: bytes) -> list[int]:
+    return [
+        int.from_bytes(data[i : i + 4], sys.byteorder, signed=True) for i in range(0, len(data), 4)
+    ]
+
+
+def _ucred_uid(ucred: bytes) -> int:
+    """The uid in a ``struct ucred`` (pid, uid, gid: native ints)."""
+    return int.from_bytes(ucred[4:8], sys.byteorder, signed=True)
+
+
 def _send(sock: _socket.socket, payload: bytes, fds: list[int]) -> None:
-    data = struct.pack("!I", len(payload)) + payload
-    ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+    data = len(payload).to_bytes(4, "big") + payload
+    ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _pack_fds(fds))]
     sent = sock.sendmsg([data], ancillary)
     if sent < len(data):
         sock.sendall(data[sent:])
@@ -158,11 +180,11 @@ def request(
         try:
             sock.connect(path)
             ucred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
-            _pid, uid, _gid = struct.unpack("3i", ucred)
+            uid = _ucred_uid(ucred)
             if uid != os.getuid():
                 return None
             _send(sock, encode_request(op, argv, dict(os.environ), os.getcwd()), fds)
-            (value,) = struct.unpack("!i", _recv_exact(sock, 4))
+            value = int.from_bytes(_recv_exact(sock, 4), "big", signed=True)
         except (OSError, ConnectionError, ValueError):
             return None
         return value if value >= 0 else None  # -1: refused (exit statuses are >= 0)
@@ -251,11 +273,11 @@ def _recv_request(conn: _socket.socket) -> tuple[Request, list[int]]:
     for level, kind, data in ancdata:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             usable = len(data) - len(data) % 4
-            fds += list(struct.unpack(f"{usable // 4}i", data[:usable]))
+            fds += _unpack_fds(data[:usable])
     try:
         if len(msg) < 4:
             msg += _recv_exact(conn, 4 - len(msg))
-        (size,) = struct.unpack("!I", msg[:4])
+        size = int.from_bytes(msg[:4], "big")
         if size > _MAX_REQUEST:
             raise ValueError("request too large")
         body = msg[4:]
@@ -320,29 +342,113 @@ def _action_args(argv: list[str]) -> list[str]:
     return argv[1:]
 
 
-def _serve_child(conn: _socket.socket, request: Request, fds: list[int]) -> None:
-    """The forked intermediate: fork the daemon, report its pid, exit."""
+def _serve(request: Request, fds: list[int], area: tuple[int, int]) -> int:
+    """In the daemon (a zygote's grandchild, leading its own session): become the shim
+    ``request`` asks for and serve; its exit status."""
     if request[2].get("PYRUNC_RECORD_CODE"):
         from containerd_shim.prefork import record_code
 
         record_code(request[2]["PYRUNC_RECORD_CODE"])
+    argv = request[1]
+    set_cmdline(argv, area)
+    _become(request, {3: fds[0]})
+    return _run_main(_action_args(argv))
+
+
+def _serve_child(conn: _socket.socket, request: Request, fds: list[int]) -> None:
+    """The forked intermediate: fork the daemon, report its pid, exit."""
     area = _argv_area()
     pid = os.fork()
     if pid:
         try:
-            conn.sendall(struct.pack("!i", pid))
+            conn.sendall(_int32(pid))
         finally:
             os._exit(0)
     code = 1
     try:
         os.setsid()
-        argv = request[1]
-        set_cmdline(argv, area)
         os.close(conn.detach())
-        _become(request, {3: fds[0]})
-        code = _run_main(_action_args(argv))
+        code = _serve(request, fds, area)
     finally:
         os._exit(code)
+
+
+# A daemon forked ahead of its request: ``start`` then waits for no fork. (pid, socket)
+_spare: tuple[int, _socket.socket] | None = None
+SPARE_AFTER = 0.1  # seconds without a request
+
+
+def spare_title(zygote_pid: int) -> str:
+    """The command line of a spare daemon of the zygote ``zygote_pid`` (see ``ps``)."""
+    return f"containerd-shim-pyrunc-v2 spare (zygote {zygote_pid})"
+
+
+def _make_spare(area: tuple[int, int]) -> bool:
+    """Fork the next daemon now, the way ``serve`` would (twice: re-parented, in its own
+    session), to wait on a socket pair for the request it will serve; whether it did."""
+    global _spare, _ZYGOTE_PID
+    import threading
+
+    if _spare is not None or threading.active_count() != 1:
+        return False
+    _ZYGOTE_PID = os.getpid()
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            ours.close()
+            daemon = os.fork()
+            if daemon:
+                theirs.sendall(_int32(daemon))
+                code = 0
+            else:
+                code = _spare_main(theirs, area)
+        finally:
+            os._exit(code)
+    theirs.close()
+    os.waitpid(pid, 0)  # the intermediate exits at once
+    try:
+        ours.settimeout(5)
+        daemon = int.from_bytes(_recv_exact(ours, 4), "big", signed=True)
+    except (OSError, ConnectionError, ValueError):
+        ours.close()
+        return False
+    _spare = (daemon, ours)
+    return True
+
+
+def _spare_main(sock: _socket.socket, area: tuple[int, int]) -> int:
+    """The spare: wait for a request; the zygote closing the socket ends it."""
+    os.setsid()
+    # None of the zygote's descriptors (its listener, its lock): the zygote alone owns them.
+    os.closerange(3, sock.fileno())
+    os.closerange(sock.fileno() + 1, 1 << 16)
+    set_cmdline([spare_title(_ZYGOTE_PID)], area)
+    try:
+        request, fds = _recv_request(sock)
+    except (OSError, ConnectionError, ValueError):
+        return 0
+    sock.close()
+    return _serve(request, fds, area)
+
+
+def _hand_to_spare(request: Request, fds: list[int]) -> int | None:
+    """Give a ``serve`` request to the spare; its pid, or None if it is gone."""
+    global _spare
+    if _spare is None:
+        return None
+    pid, sock = _spare
+    _spare = None
+    try:
+        # No answer awaited: a spare that died has closed its end, and sending fails.
+        sock.settimeout(5)
+        _send(sock, encode_request(request[0], request[1], request[2], request[3]), fds)
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    return pid
 
 
 def _delete_child(conn: _socket.socket, request: Request, fds: list[int]) -> None:
@@ -351,14 +457,14 @@ def _delete_child(conn: _socket.socket, request: Request, fds: list[int]) -> Non
         conn_fd = os.dup(conn.fileno())
         _become(request, {1: fds[0], 2: fds[1], 3: conn_fd})
         code = _run_main(_action_args(request[1]))
-        os.write(3, struct.pack("!i", code))
+        os.write(3, _int32(code))
     finally:
         os._exit(code)
 
 
 def _handle(conn: _socket.socket, area: tuple[int, int]) -> None:
     ucred = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
-    if struct.unpack("3i", ucred)[1] != os.getuid():
+    if _ucred_uid(ucred) != os.getuid():
         return
     conn.settimeout(5)
     request, fds = _recv_request(conn)
@@ -367,14 +473,19 @@ def _handle(conn: _socket.socket, area: tuple[int, int]) -> None:
         if op not in ("serve", "delete"):
             return
         if op == "serve" and (len(fds) != 1 or not _fits(argv, area)):
-            conn.sendall(struct.pack("!i", -1))
+            conn.sendall(_int32(-1))
             return
         if op == "delete" and len(fds) != 2:
             return
+        if op == "serve":
+            pid = _hand_to_spare(request, fds)
+            if pid is not None:
+                conn.sendall(_int32(pid))
+                return
         import threading
 
         if threading.active_count() != 1:  # never fork a threaded process
-            conn.sendall(struct.pack("!i", -1))
+            conn.sendall(_int32(-1))
             return
         global _ZYGOTE_PID
         _ZYGOTE_PID = os.getpid()
@@ -449,10 +560,17 @@ def run(path: str) -> int:
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     last = time.monotonic()
+    spare_possible = True
     try:
         while True:
-            ready = selector.select(timeout=5)
+            # The spare is made once nothing happened for a moment: right after a start
+            # the CPUs are for that start, its daemon and containerd.
+            want_spare = _spare is None and spare_possible
+            ready = selector.select(timeout=SPARE_AFTER if want_spare else 5)
             _reap()
+            if not ready and want_spare:
+                spare_possible = _make_spare(area)
+                continue
             if not ready:
                 try:
                     if os.stat(path).st_ino != inode:
@@ -463,6 +581,7 @@ def run(path: str) -> int:
                     return 0
                 continue
             last = time.monotonic()
+            spare_possible = True
             try:
                 conn, _ = listener.accept()
             except OSError:

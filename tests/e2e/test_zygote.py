@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from containerd_shim import zygote
+
 from .conftest import PY_RUNTIME
 from .containerd import Containerd, process_alive, wait_for, zygote_socket_path
 from .harness import E2E, wait_gone
@@ -47,6 +49,52 @@ def _stat(pid: int) -> list[str]:
 
 def _oom_score_adj(pid: int) -> int:
     return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+
+
+def _spares(zygote_pid: int) -> list[int]:
+    title = zygote.spare_title(zygote_pid).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "cmdline").read_bytes().rstrip(b"\0") == title:
+                    found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_a_spare_daemon_forked_ahead_serves_the_next_start(py: E2E) -> None:
+    cd = py.cd
+    first = py.start(*SLEEPER)
+    [first_pid] = cd.shim_pids(first)
+    zygote_pid = int(_how_started(cd, first_pid).split()[-1])
+    # Once no start came for a moment, the zygote forks the next daemon ahead of time.
+    [spare] = wait_for(lambda: _spares(zygote_pid), timeout=10, what="a spare daemon")
+    stat = _stat(spare)
+    assert int(stat[1]) != zygote_pid and int(stat[3]) == spare  # re-parented, own session
+    # None of the zygote's descriptors (listener, lock): /dev/null and its socket pair.
+    links = [os.readlink(f"/proc/{spare}/fd/{fd}") for fd in os.listdir(f"/proc/{spare}/fd")]
+    others = [link for link in links if link != "/dev/null"]
+    assert len(links) == 4 and len(others) == 1 and others[0].startswith("socket:"), links
+
+    second = py.start(*SLEEPER)
+    assert cd.shim_pids(second) == [spare], "the next start should get the spare"
+    assert _how_started(cd, spare) == f"forked by zygote {zygote_pid}"
+    res = cd.ctr("task", "exec", "--exec-id", "on-spare", second, "/bin/sh", "-c", "exit 5")
+    assert res.returncode == 5, cd.explain(res, "exec in a container of the spare")
+    [new_spare] = wait_for(lambda: _spares(zygote_pid), timeout=10, what="the next spare")
+    assert new_spare != spare
+
+    # A spare lives only as long as its zygote; the shims it became live on.
+    os.kill(zygote_pid, signal.SIGKILL)
+    wait_gone(cd, new_spare)
+    assert process_alive(spare)
+    for c in (first, second):
+        res = cd.ctr("task", "kill", "--signal", "SIGKILL", c)
+        assert res.returncode == 0, cd.explain(res, f"kill {c}")
+    for c in (first, second):
+        cd.wait_status(c, ("STOPPED",))
+        py.remove(c, expect_exit=137)
 
 
 @pytest.mark.timeout(120)
