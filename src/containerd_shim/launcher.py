@@ -4,9 +4,10 @@ containerd executes ``containerd-shim-pyrunc-v2`` twice per container
 (``start``, then ``delete``) and waits for both. The console script pip
 installs starts a full interpreter with site-packages first; here ``site``
 alone costs 20-80 ms (``.pth`` hooks), more than our whole ``start``. The
-launchers this writes are two-line ``/bin/sh`` scripts that run Python
-isolated and without site-packages (``python -I -S``), the directories they
-need appended to ``sys.path``:
+launchers this writes are short Python scripts the kernel runs with the interpreter
+isolated and without site-packages (``#!python -IS``; a ``/bin/sh`` script where the
+interpreter's path cannot stand in a ``#!`` line), the directories they need appended
+to ``sys.path``:
 
 * ``containerd-shim-pyrunc-v2``: this package's directory only. ``start`` and
   ``delete`` need the standard library and this package (the zygote does the
@@ -57,6 +58,11 @@ def _protobuf_root(python: str = sys.executable) -> str:
     return os.path.dirname(os.path.dirname(os.path.dirname(google.protobuf.__file__)))
 
 
+# What a kernel passes of a ``#!`` line (older kernels: 127 bytes); a path with spaces
+# cannot be written there either. Such interpreters get the /bin/sh launcher.
+_SHEBANG_LIMIT = 127
+
+
 def script(
     name: str = NAME,
     *,
@@ -64,30 +70,36 @@ def script(
     path_entry: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> str:
-    """The text of the launcher for ``name`` (:data:`NAME` or :data:`NAME_V1`), a
-    ``/bin/sh`` script. ``path_entry`` replaces this package's directory; ``env`` adds
-    exported variables (for the processes the shim starts: the launched interpreter
-    itself ignores ``PYTHON*`` variables)."""
+    """The text of the launcher for ``name`` (:data:`NAME` or :data:`NAME_V1`): a Python
+    script the kernel runs with ``python -I -S`` (a ``/bin/sh`` one where ``python``
+    cannot stand in a ``#!`` line). ``path_entry`` replaces this package's directory;
+    ``env`` adds environment variables (for the processes the shim starts: the launched
+    interpreter itself ignores ``PYTHON*`` variables)."""
     import json
     import shlex
 
     entries = [path_entry or package_root()]
     if name == NAME_V1:
         entries.append(_protobuf_root(python))
-    # start and delete live for milliseconds: no collections while they import (~0.5 ms).
-    entry = (
-        "import gc; gc.disable(); from containerd_shim.__main__ import run; run()"
-        if name == NAME
-        else (f"from {_MODULES[name]} import main; sys.exit(main())")
-    )
-    bootstrap = (
-        f"import sys; sys.argv[0] = {json.dumps(name)}; sys.path += {json.dumps(entries)}; " + entry
-    )
-    lines = ["#!/bin/sh", f"# {name}: written by python -m containerd_shim.launcher"]
-    for key, value in (env or {}).items():
-        lines.append(f"{key}={shlex.quote(value)}; export {key}")
-    lines.append(f'exec {shlex.quote(python)} -I -S -c {shlex.quote(bootstrap)} "$@"')
-    return "\n".join(lines) + "\n"
+    lines = [
+        # start and delete live for milliseconds: no collections while they import (~0.5 ms).
+        *(["import gc", "gc.disable()"] if name == NAME else []),
+        "import sys",
+        f"sys.argv[0] = {json.dumps(name)}",
+        f"sys.path += {json.dumps(entries)}",
+    ]
+    if env:
+        lines += ["import os", f"os.environ.update({json.dumps(dict(env))})"]
+    if name == NAME:
+        lines += ["from containerd_shim.__main__ import run", "run()"]
+    else:
+        lines += [f"from {_MODULES[name]} import main", "sys.exit(main())"]
+    header = f"# {name}: written by python -m containerd_shim.launcher"
+    shebang = f"#!{python} -IS"
+    if " " not in python and len(shebang) <= _SHEBANG_LIMIT:
+        return "\n".join([shebang, header, *lines]) + "\n"
+    command = f"exec {shlex.quote(python)} -I -S -c {shlex.quote('; '.join(lines))}"
+    return f'#!/bin/sh\n{header}\n{command} "$@"\n'
 
 
 def install(

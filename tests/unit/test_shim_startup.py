@@ -85,11 +85,24 @@ def test_launchers_run_the_shims_without_site(tmp_path: Path) -> None:
     for path, runtime in zip(paths, runtimes, strict=True):
         assert os.stat(path).st_mode & 0o777 == 0o755
         text = Path(path).read_text()
-        assert text.startswith("#!/bin/sh\n") and " -I -S -c " in text
+        assert text.startswith(f"#!{sys.executable} -IS\n")  # no shell in between
         res = subprocess.run([path, "-v"], capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
         assert res.stdout.splitlines()[0] == f"{os.path.basename(path)}:"
         assert runtime in res.stdout
+
+
+def test_launcher_for_a_python_no_shebang_can_name_runs_through_sh(tmp_path: Path) -> None:
+    spaced = tmp_path / "a python" / "python3"
+    spaced.parent.mkdir()
+    spaced.symlink_to(sys.executable)
+    binary = tmp_path / launcher.NAME
+    binary.write_text(launcher.script(python=str(spaced), path_entry=SRC, env={"X_Y": "a b"}))
+    binary.chmod(0o755)
+    assert binary.read_text().startswith("#!/bin/sh\n")
+    res = subprocess.run([str(binary), "-v"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "io.containerd.pyrunc.v2" in res.stdout
 
 
 def test_v1_launcher_reaches_protobuf_without_site() -> None:
