@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import sys
 
+import containerd_shim
 from containerd_shim.flags import parse
 
 __all__ = ["main", "run"]
 
 
 def _self_argv() -> list[str]:
-    """How to run this shim again (for the daemon): the same interpreter and module."""
-    return [sys.executable, "-m", "containerd_shim"]
+    """How to run this shim again (for the daemon): the shim's interpreter and module."""
+    return [containerd_shim.python, "-m", "containerd_shim"]
 
 
 def _full_interpreter(args: list[str]) -> None:
@@ -22,10 +23,10 @@ def _full_interpreter(args: list[str]) -> None:
     only the standard library; the daemon and a local full ``delete`` need
     protobuf from site-packages.
     """
-    if sys.flags.no_site:
+    if sys.flags.no_site or sys.executable != containerd_shim.python:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, [*_self_argv(), *args])
+        os.execv(containerd_shim.python, [*_self_argv(), *args])
 
 
 def _delete_in_zygote(args: list[str]) -> int | None:

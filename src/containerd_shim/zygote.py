@@ -41,6 +41,7 @@ import os
 import sys
 import time
 
+import containerd_shim
 from containerd_shim.digest import sha256
 from containerd_shim.launcher import package_root
 
@@ -79,7 +80,15 @@ _UNUSED_BY_DAEMONS = frozenset(("__pycache__", "cli", "codegen"))
 
 
 def _fingerprint() -> str:
-    h = sha256(f"{os.getuid()}\0{sys.executable}\0{sys.version}".encode())
+    # The zygote's interpreter by its file, not its sys.version: ``start`` may run on
+    # another interpreter (containerd_shim.python) and must find the same socket.
+    python = os.path.realpath(containerd_shim.python)
+    try:
+        st = os.stat(python)
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        stamp = ""
+    h = sha256(f"{os.getuid()}\0{python}\0{stamp}".encode())
     # Both packages ship in one distribution: they sit side by side.
     root = package_root()
     for name in ("containerd_shim", "ttrpc"):
@@ -194,7 +203,7 @@ def request(
 
 def launch(path: str) -> int:
     """Start a zygote for ``path`` in the background (detached, own session); its pid."""
-    argv = [sys.executable, "-m", "containerd_shim.zygote", path, "-" * TITLE_ROOM]
+    argv = [containerd_shim.python, "-m", "containerd_shim.zygote", path, "-" * TITLE_ROOM]
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
         actions = [(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)]

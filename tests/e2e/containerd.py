@@ -106,12 +106,30 @@ def zygote_socket_path() -> str:
     return out.stdout.decode().strip()
 
 
+def start_python() -> str | None:
+    """The interpreter our v2 shim's ``start`` and ``delete`` run on, if not
+    :func:`shim_python`: ``PYRUNC_START_PYTHON``, else the one ``scripts/setup`` chose
+    (``build/start-python``: the distribution's statically linked python3, which starts
+    sooner)."""
+    chosen = os.environ.get("PYRUNC_START_PYTHON")
+    if chosen is None:
+        with contextlib.suppress(OSError):
+            chosen = (REPO / "build" / "start-python").read_text().strip()
+    return chosen or None
+
+
 def pyrunc_wrapper(name: str) -> str:
     """This checkout's shim binary ``name`` through the package's fast launcher (what an
-    install uses), on :func:`shim_python`. PYTHONPATH is for the processes they start
-    (daemon, zygote)."""
+    install uses), on :func:`shim_python` (``start`` and ``delete`` on :func:`start_python`).
+    PYTHONPATH is for the processes they start (daemon, zygote)."""
     src = str(REPO / "src")
-    return launcher.script(name, python=shim_python(), path_entry=src, env={"PYTHONPATH": src})
+    return launcher.script(
+        name,
+        python=shim_python(),
+        start_python=start_python(),
+        path_entry=src,
+        env={"PYTHONPATH": src},
+    )
 
 
 def v1_runtime_config(shim: str) -> str:

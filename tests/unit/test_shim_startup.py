@@ -276,3 +276,35 @@ def test_runc_root_read_without_json(tmp_path: Path) -> None:
     bundle = _bundle(tmp_path / "c", Options(root="/run/other root", binary_name="runc"))
     assert manager._runc_root(str(bundle)) == "/run/other root"
     assert manager.RUNC_DEFAULT_ROOT == DEFAULT_ROOT
+
+
+def test_start_and_delete_can_run_on_another_interpreter(tmp_path: Path) -> None:
+    """The v2 launcher may run ``start``/``delete`` on a faster-starting interpreter than
+    the shim's: the script names the shim's for the zygote and daemons, and both find the
+    same zygote socket."""
+    from tests.e2e.containerd import shim_python
+
+    shim = shim_python()
+    text = launcher.script(python=shim, start_python=sys.executable, path_entry=SRC)
+    assert text.startswith(f"#!{sys.executable} -IS\n")
+    assert f"containerd_shim.python = {json.dumps(shim)}" in text
+    binary = tmp_path / launcher.NAME
+    binary.write_text(text)
+    binary.chmod(0o755)
+    res = subprocess.run([str(binary), "-v"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    ask = "from containerd_shim import zygote; print(zygote.socket_path())"
+    as_start = subprocess.run(
+        [sys.executable, "-I", "-S", "-c",
+         f"import sys; sys.path += [{SRC!r}]; import containerd_shim; "
+         f"containerd_shim.python = {shim!r}; {ask}"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    as_zygote = subprocess.run(
+        [shim, "-I", "-S", "-c", f"import sys; sys.path += [{SRC!r}]; {ask}"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert as_start.stdout == as_zygote.stdout
+    # The v1 launcher is the daemon itself: always the shim's interpreter.
+    v1 = launcher.script(launcher.NAME_V1, python=shim, start_python=sys.executable)
+    assert v1.startswith(f"#!{shim} -IS\n")
