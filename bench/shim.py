@@ -35,13 +35,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
 
-from containerd_shim import zygote  # noqa: E402
 from tests.e2e.containerd import (  # noqa: E402
     GO_V1_SHIM,
     V1_RUNTIME,
     Containerd,
     shim_python,
     zygote_socket_path,
+    zygote_spares,
 )
 from tests.e2e.images import build_rootfs  # noqa: E402
 
@@ -87,20 +87,6 @@ def smaps(pid: int) -> dict[str, float]:
         "pss": values.get("Pss", 0) / 1024,
         "private": (values.get("Private_Clean", 0) + values.get("Private_Dirty", 0)) / 1024,
     }
-
-
-def spares(zygote_pid: int) -> list[int]:
-    """The spare daemons of our zygote (containerd_shim.zygote.spare_title)."""
-    title = zygote.spare_title(zygote_pid).encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "cmdline").read_bytes().rstrip(b"\0") == title:
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
 
 
 def children(pid: int) -> list[int]:
@@ -161,7 +147,7 @@ def measure_memory(shim: Shim, rootfs: Path, count: int, grouped: bool = False) 
         try:
             zygote_pid = int(Path(zygote_socket_path() + ".pid").read_text())
             # The zygote and the spare daemon it keeps forked ahead of the next start.
-            for pid in [zygote_pid, *spares(zygote_pid)]:
+            for pid in [zygote_pid, *zygote_spares(zygote_pid)]:
                 for key, value in smaps(pid).items():
                     zygote_mem[key] += value
         except (OSError, ValueError, subprocess.CalledProcessError):

@@ -118,6 +118,21 @@ def start_python() -> str | None:
     return chosen or None
 
 
+def zygote_spares(zygote_pid: int) -> list[int]:
+    """The spare daemons our zygote ``zygote_pid`` keeps forked ahead of the next start
+    (found by the command line ``containerd_shim.zygote.spare_title`` gives them)."""
+    from containerd_shim import zygote
+
+    title = zygote.spare_title(zygote_pid).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "cmdline").read_bytes().rstrip(b"\0") == title:
+                    found.append(int(entry.name))
+    return found
+
+
 def pyrunc_wrapper(name: str) -> str:
     """This checkout's shim binary ``name`` through the package's fast launcher (what an
     install uses), on :func:`shim_python` (``start`` and ``delete`` on :func:`start_python`).

@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from containerd_shim import zygote
-
 from .conftest import PY_RUNTIME
-from .containerd import Containerd, process_alive, wait_for, zygote_socket_path
+from .containerd import (
+    Containerd,
+    process_alive,
+    wait_for,
+    zygote_socket_path,
+    zygote_spares,
+)
 from .harness import E2E, wait_gone
 
 SLEEPER = ("/bin/sleep", "1000")
@@ -51,17 +55,6 @@ def _oom_score_adj(pid: int) -> int:
     return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
 
 
-def _spares(zygote_pid: int) -> list[int]:
-    title = zygote.spare_title(zygote_pid).encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "cmdline").read_bytes().rstrip(b"\0") == title:
-                    found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.timeout(120)
 def test_a_spare_daemon_forked_ahead_serves_the_next_start(py: E2E) -> None:
     cd = py.cd
@@ -69,7 +62,7 @@ def test_a_spare_daemon_forked_ahead_serves_the_next_start(py: E2E) -> None:
     [first_pid] = cd.shim_pids(first)
     zygote_pid = int(_how_started(cd, first_pid).split()[-1])
     # Once no start came for a moment, the zygote forks the next daemon ahead of time.
-    [spare] = wait_for(lambda: _spares(zygote_pid), timeout=10, what="a spare daemon")
+    [spare] = wait_for(lambda: zygote_spares(zygote_pid), timeout=10, what="a spare daemon")
     stat = _stat(spare)
     assert int(stat[1]) != zygote_pid and int(stat[3]) == spare  # re-parented, own session
     # None of the zygote's descriptors (listener, lock): /dev/null and its socket pair.
@@ -82,7 +75,7 @@ def test_a_spare_daemon_forked_ahead_serves_the_next_start(py: E2E) -> None:
     assert _how_started(cd, spare) == f"forked by zygote {zygote_pid}"
     res = cd.ctr("task", "exec", "--exec-id", "on-spare", second, "/bin/sh", "-c", "exit 5")
     assert res.returncode == 5, cd.explain(res, "exec in a container of the spare")
-    [new_spare] = wait_for(lambda: _spares(zygote_pid), timeout=10, what="the next spare")
+    [new_spare] = wait_for(lambda: zygote_spares(zygote_pid), timeout=10, what="the next spare")
     assert new_spare != spare
 
     # A spare lives only as long as its zygote; the shims it became live on.
