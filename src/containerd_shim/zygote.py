@@ -8,7 +8,7 @@ share the zygote's pages copy-on-write.
 
 One zygote per host, user and code version: its socket is
 ``/run/containerd/s/pyrunc-zygote-<hash>`` (0600 in a 0700 directory, and
-the peer's uid is checked), the hash covering the interpreter, the package
+the peer's uid is checked), the hash covering the interpreter's file, the package
 locations and the modification times of their sources, so a changed shim
 never runs through an old zygote. The first ``start`` that finds none
 launches it (detached, own session, working directory ``/``) and spawns its
@@ -27,6 +27,13 @@ starts its own session, takes the request's working directory and
 environment, the listener as fd 3, /dev/null as 0-2, and its command line
 (``/proc/PID/cmdline``) shows the daemon's argv. For ``delete`` the forked
 child runs the delete action and sends back its exit status (4 bytes).
+
+After 0.1 s without requests the zygote forks a *spare* daemon the same way,
+which waits on a socket pair for the next ``serve`` request (the zygote hands
+it the request and the listener and answers with its pid at once: no fork
+while ``start`` waits) and exits when the zygote closes its end. Before
+forking anything the zygote shapes its memory for its children
+(:mod:`containerd_shim.prefork`).
 
 The zygote never starts a thread (forking a threaded process is unsafe). The
 client side of this module imports almost nothing (``start`` and ``delete``
