@@ -337,15 +337,19 @@ def record_code(path: str) -> None:
     roots = _roots()
 
     def started(code: types.CodeType, offset: int) -> object:
-        # Opened per line: a forking daemon closes descriptors it does not know.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, (code_key(code, roots) + "\n").encode())
-        finally:
-            os.close(fd)
+        # Opened per line: a forking daemon closes descriptors it does not know. A record
+        # that cannot be written is not worth a shim.
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, (code_key(code, roots) + "\n").encode())
+            finally:
+                os.close(fd)
         return monitoring.DISABLE
 
     tool = monitoring.PROFILER_ID
+    if monitoring.get_tool(tool) is not None:
+        return  # recording already (or another profiler is)
     monitoring.use_tool_id(tool, "pyrunc-record-code")
     monitoring.register_callback(tool, monitoring.events.PY_START, started)
     monitoring.set_events(tool, monitoring.events.PY_START)

@@ -52,6 +52,10 @@ import containerd_shim
 from containerd_shim.digest import sha256
 from containerd_shim.launcher import package_root
 
+TYPE_CHECKING = False  # not typing's: ``start`` imports this module
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
 __all__ = [
     "IDLE_SECONDS", "enabled", "in_child", "launch", "request", "socket_path", "spare_title",
 ]  # fmt: skip
@@ -358,13 +362,18 @@ def _action_args(argv: list[str]) -> list[str]:
     return argv[1:]
 
 
+def _record_if_asked(env: Mapping[str, str]) -> None:
+    """``PYRUNC_RECORD_CODE``: record the code this daemon runs (scripts/hotcode)."""
+    if env.get("PYRUNC_RECORD_CODE"):
+        from containerd_shim.prefork import record_code
+
+        record_code(env["PYRUNC_RECORD_CODE"])
+
+
 def _serve(request: Request, fds: list[int], area: tuple[int, int]) -> int:
     """In the daemon (a zygote's grandchild, leading its own session): become the shim
     ``request`` asks for and serve; its exit status."""
-    if request[2].get("PYRUNC_RECORD_CODE"):
-        from containerd_shim.prefork import record_code
-
-        record_code(request[2]["PYRUNC_RECORD_CODE"])
+    _record_if_asked(request[2])
     argv = request[1]
     set_cmdline(argv, area)
     _become(request, {3: fds[0]})
@@ -436,6 +445,7 @@ def _make_spare(area: tuple[int, int]) -> bool:
 
 def _spare_main(sock: _socket.socket, area: tuple[int, int]) -> int:
     """The spare: wait for a request; the zygote closing the socket ends it."""
+    _record_if_asked(os.environ)
     os.setsid()
     # None of the zygote's descriptors (its listener, its lock): the zygote alone owns them.
     os.closerange(3, sock.fileno())

@@ -199,12 +199,25 @@ def test_recorded_code_is_each_function_once_in_first_run_order(
         from containerd_shim import prefork
         import recmod
         prefork.record_code({str(record)!r})
+        prefork.record_code({str(record)!r})  # a second call: still one recording
         recmod.b(); recmod.a(); recmod.a()
     """,
         tmp_path,
     )
     lines = [line for line in record.read_text().splitlines() if line.startswith("recmod.py:")]
     assert lines == ["recmod.py:b", "recmod.py:a"]
+    # A record that cannot be written (its directory gone) never breaks the process.
+    out = run(
+        python312,
+        f"""
+        from containerd_shim import prefork
+        import recmod
+        prefork.record_code({str(tmp_path / "gone" / "record.txt")!r})
+        print(recmod.a())
+    """,
+        tmp_path,
+    )
+    assert out.strip() == "1"
 
 
 def test_hot_code_list_names_the_zygotes_functions(python312: str) -> None:
