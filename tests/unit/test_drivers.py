@@ -339,3 +339,47 @@ def test_on_close_callbacks(server_kind: str, client_kind: str, address: str) ->
         client.close()
         assert client_closed.wait(5)
         assert server_closed.wait(5)
+
+
+def test_blocking_server_answers_an_expired_call_with_its_deadline_only(sock_dir: str) -> None:
+    """A handler that returns the moment its call is cancelled must not beat the server's
+    DEADLINE_EXCEEDED: the peer, here one with no deadline of its own, gets that alone."""
+    import ttrpc.blocking
+    from ttrpc import Method, Service
+
+    def wait_for_cancel(req: KeyValue, ctx: Context) -> KeyValue:
+        while not ctx.cancelled:
+            time.sleep(0.0005)
+        return KeyValue(key="too late")
+
+    service = Service(SERVICE, {"Wait": Method("Wait", KeyValue, KeyValue, wait_for_cancel)})
+    server = ttrpc.blocking.Server()
+    server.register(service)
+    path = os.path.join(sock_dir, "expire.sock")
+    server.start(ttrpc.address.listen("unix://" + path))
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.connect(path)
+        sock.settimeout(10)
+        reader = FrameReader()
+        for i in range(30):
+            stream_id = 2 * i + 1
+            req = Request(
+                service=SERVICE, method="Wait", payload=KeyValue().SerializeToString(),
+                timeout_nano=20_000_000,
+            )  # fmt: skip
+            sock.sendall(encode_frame(stream_id, MESSAGE_TYPE_REQUEST, req.SerializeToString()))
+            frames: list = []
+            while not frames:
+                frames = list(reader.feed(sock.recv(65536)))
+            [frame] = frames
+            assert frame.stream_id == stream_id
+            response = Response.FromString(frame.payload)  # type: ignore[arg-type]
+            assert response.status.code == Code.DEADLINE_EXCEEDED, (i, response)
+        # Nothing else follows: the handlers' late answers were dropped.
+        sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)
+    finally:
+        sock.close()
+        server.close()

@@ -173,6 +173,8 @@ class _Connection(asyncio.BufferedProtocol):
             else:
                 remaining = ctx.time_remaining()
                 result = await asyncio.wait_for(handler(message, ctx), remaining)
+                if ctx.time_remaining() <= 0:  # type: ignore[operator]
+                    raise asyncio.TimeoutError  # done at its deadline: answered as expired
             frame = conn.encode_response(stream_id, encode_result(method, result))
         except asyncio.TimeoutError:
             frame = conn.encode_error(stream_id, _DEADLINE_STATUS)
@@ -227,6 +229,8 @@ class _Connection(asyncio.BufferedProtocol):
                 result = await invoke(stream)
             else:
                 result = await asyncio.wait_for(invoke(stream), ctx.time_remaining())
+                if ctx.time_remaining() <= 0:  # type: ignore[operator]
+                    raise asyncio.TimeoutError  # done at its deadline: answered as expired
             if method.server_streaming:
                 frame = conn.encode_end(stream_id)
             else:

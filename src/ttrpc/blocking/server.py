@@ -44,6 +44,12 @@ __all__ = ["Server", "ServerStream"]
 log = logging.getLogger("ttrpc")
 
 _DEADLINE_STATUS = Status(code=Code.DEADLINE_EXCEEDED, message="context deadline exceeded")
+
+
+def _expired(ctx: Context) -> bool:
+    """The call's deadline has passed: whatever its handler returns now, the answer is
+    DEADLINE_EXCEEDED (a handler that stops on ``ctx.cancelled`` returns just then)."""
+    return ctx.deadline is not None and time.monotonic() >= ctx.deadline
 #: Seconds a handler may leave its full receive buffer untouched before its stream fails.
 STREAM_STALL_TIMEOUT = 1.0
 #: Default seconds a peer may leave the server's writes blocked (reading nothing) before
@@ -271,12 +277,18 @@ class _Connection:
             return
         conn = self._conn
         try:
-            payload = encode_result(method, handler(message, ctx))
-            if conn.open_streams:  # the core's stream table is shared: mutate it locked
+            result = handler(message, ctx)
+            if _expired(ctx):
+                # As if the deadline had been answered first: the late result is dropped.
                 with self._lock:
-                    frame = conn.encode_response(stream_id, payload)
+                    frame = conn.encode_error(stream_id, _DEADLINE_STATUS)
             else:
-                frame = conn.encode_response(stream_id, payload)
+                payload = encode_result(method, result)
+                if conn.open_streams:  # the core's stream table is shared: mutate it locked
+                    with self._lock:
+                        frame = conn.encode_response(stream_id, payload)
+                else:
+                    frame = conn.encode_response(stream_id, payload)
         except Exception as exc:
             if not isinstance(exc, RpcError):
                 log.debug("ttrpc: handler %s raised", ctx.method, exc_info=True)
@@ -330,7 +342,9 @@ class _Connection:
                 raise stream._failure
             payload = b"" if method.server_streaming else encode_result(method, result)
             with self._lock:
-                if method.server_streaming:
+                if _expired(stream.ctx):
+                    frame = conn.encode_error(stream_id, _DEADLINE_STATUS)
+                elif method.server_streaming:
                     frame = conn.encode_end(stream_id)
                 else:
                     frame = conn.encode_response(stream_id, payload)
@@ -400,8 +414,10 @@ class _Connection:
                 self._flow.notify_all()
             frame = self._conn.encode_error(stream_id, _DEADLINE_STATUS) if ctx else b""
         if ctx is not None:
-            ctx.cancel()
+            # Answered before the handler hears of it: a handler that returns as soon as
+            # it sees the cancellation must find the call answered, not answer it itself.
             self._finish(stream_id, frame)
+            ctx.cancel()
 
     def _finish(self, stream_id: int, frame: bytes) -> None:
         with self._lock:
