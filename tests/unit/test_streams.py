@@ -370,6 +370,15 @@ def test_many_concurrent_streams(pair: tuple[RunningServer, SyncCaller]) -> None
 # -- bounded receive buffers ----------------------------------------------------------------
 
 
+def _unread(fd: int) -> int:
+    """Bytes received on a socket and not read yet (FIONREAD)."""
+    import fcntl
+    import struct
+    import termios
+
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
+
+
 @pytest.mark.parametrize("server_kind", ["aio", "blocking"])
 @pytest.mark.parametrize("client_kind", ["aio", "blocking"])
 def test_stalled_client_consumer_fails_its_stream(
@@ -378,8 +387,20 @@ def test_stalled_client_consumer_fails_its_stream(
     with running_server(server_kind, address):
         client = SyncCaller(client_kind, address, stream_buffer_size=4096, stream_stall_timeout=0.3)
         try:
-            stream = down(client, 5000)  # far more than 4 KiB of buffer
-            time.sleep(0.2)
+            stream = down(client, 200, "big")  # 200 x 64 KiB: far more than 4 KiB of buffer
+
+            # Wait until far more has arrived than the stream may buffer: the aio client's
+            # reader runs on its own and stops at the full buffer; the blocking client
+            # reads only for a caller (the Echo below), so it waits in the socket.
+            def arrived() -> bool:
+                if client_kind == "aio":
+                    return bool(client.client._conn.backlogged)
+                return _unread(client.client._sock.fileno()) > 4 * 4096
+
+            end = time.monotonic() + 10
+            while not arrived():
+                assert time.monotonic() < end, "the stream's messages never arrived"
+                time.sleep(0.001)
             # Meanwhile other calls go on: the reader waits only up to the stall timeout.
             assert client.call("Echo", KeyValue(key="x")).key == "x"
             got = 0
@@ -388,7 +409,7 @@ def test_stalled_client_consumer_fails_its_stream(
                     got += 1
             assert err.value.code == Code.RESOURCE_EXHAUSTED
             assert "took no message" in err.value.message
-            assert got < 5000
+            assert got < 200
             assert client.call("Echo", KeyValue(key="alive")).key == "alive"
         finally:
             client.close()
