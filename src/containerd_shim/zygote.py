@@ -54,7 +54,8 @@ from containerd_shim.launcher import package_root
 
 TYPE_CHECKING = False  # not typing's: ``start`` imports this module
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
+    from typing import NoReturn
 
 __all__ = [
     "IDLE_SECONDS", "enabled", "in_child", "launch", "request", "socket_path", "spare_title",
@@ -380,22 +381,30 @@ def _serve(request: Request, fds: list[int], area: tuple[int, int]) -> int:
     return _run_main(_action_args(argv))
 
 
-def _serve_child(conn: _socket.socket, request: Request, fds: list[int]) -> None:
-    """The forked intermediate: fork the daemon, report its pid, exit."""
-    area = _argv_area()
-    pid = os.fork()
-    if pid:
-        try:
-            conn.sendall(_int32(pid))
-        finally:
-            os._exit(0)
+def _fork_daemon(report: _socket.socket, daemon: Callable[[], int]) -> NoReturn:
+    """In the forked intermediate: fork the daemon (re-parented once this exits, leading
+    its own session, running ``daemon``), report its pid on ``report``, exit."""
     code = 1
     try:
-        os.setsid()
-        os.close(conn.detach())
-        code = _serve(request, fds, area)
+        pid = os.fork()
+        if pid:
+            report.sendall(_int32(pid))
+            code = 0
+        else:
+            os.setsid()
+            code = daemon()
     finally:
         os._exit(code)
+
+
+def _serve_child(
+    conn: _socket.socket, request: Request, fds: list[int], area: tuple[int, int]
+) -> NoReturn:
+    def daemon() -> int:
+        os.close(conn.detach())
+        return _serve(request, fds, area)
+
+    _fork_daemon(conn, daemon)
 
 
 # A daemon forked ahead of its request: ``start`` then waits for no fork. (pid, socket)
@@ -411,26 +420,16 @@ def spare_title(zygote_pid: int) -> str:
 def _make_spare(area: tuple[int, int]) -> bool:
     """Fork the next daemon now, the way ``serve`` would (twice: re-parented, in its own
     session), to wait on a socket pair for the request it will serve; whether it did."""
-    global _spare, _ZYGOTE_PID
+    global _spare
     import threading
 
     if _spare is not None or threading.active_count() != 1:
         return False
-    _ZYGOTE_PID = os.getpid()
     ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:
-        code = 1
-        try:
-            ours.close()
-            daemon = os.fork()
-            if daemon:
-                theirs.sendall(_int32(daemon))
-                code = 0
-            else:
-                code = _spare_main(theirs, area)
-        finally:
-            os._exit(code)
+        ours.close()
+        _fork_daemon(theirs, lambda: _spare_main(theirs, area))
     theirs.close()
     os.waitpid(pid, 0)  # the intermediate exits at once
     try:
@@ -446,7 +445,6 @@ def _make_spare(area: tuple[int, int]) -> bool:
 def _spare_main(sock: _socket.socket, area: tuple[int, int]) -> int:
     """The spare: wait for a request; the zygote closing the socket ends it."""
     _record_if_asked(os.environ)
-    os.setsid()
     # None of the zygote's descriptors (its listener, its lock): the zygote alone owns them.
     os.closerange(3, sock.fileno())
     os.closerange(sock.fileno() + 1, 1 << 16)
@@ -513,11 +511,11 @@ def _handle(conn: _socket.socket, area: tuple[int, int]) -> None:
         if threading.active_count() != 1:  # never fork a threaded process
             conn.sendall(_int32(-1))
             return
-        global _ZYGOTE_PID
-        _ZYGOTE_PID = os.getpid()
         pid = os.fork()
         if pid == 0:
-            (_serve_child if op == "serve" else _delete_child)(conn, request, fds)
+            if op == "serve":
+                _serve_child(conn, request, fds, area)
+            _delete_child(conn, request, fds)
         if op == "serve":
             os.waitpid(pid, 0)  # the intermediate exits at once
     finally:
@@ -569,6 +567,8 @@ def run(path: str) -> int:
     with contextlib.suppress(OSError, ValueError):
         adjust_oom_score(os.getpid(), os.getpid())  # like a shim: one above who started it
     area = _argv_area()
+    global _ZYGOTE_PID
+    _ZYGOTE_PID = os.getpid()  # what its children report as the zygote that forked them
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

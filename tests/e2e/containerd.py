@@ -86,15 +86,21 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 """
 
 
+def _chosen_python(variable: str, build_file: str) -> str | None:
+    """An interpreter named by ``variable`` (empty: unset), else by ``scripts/setup`` in
+    ``build/``."""
+    chosen = os.environ.get(variable) or None
+    if chosen is None:
+        with contextlib.suppress(OSError):
+            chosen = (REPO / "build" / build_file).read_text().strip()
+    return chosen or None
+
+
 def shim_python() -> str:
     """The interpreter our shims run on: ``PYRUNC_SHIM_PYTHON``, else the one
     ``scripts/setup`` chose (``build/shim-python``: a CPython 3.12+ when there is one,
     whose immortal objects let forked shims share the zygote's memory), else this one."""
-    chosen = os.environ.get("PYRUNC_SHIM_PYTHON")
-    if not chosen:
-        with contextlib.suppress(OSError):
-            chosen = (REPO / "build" / "shim-python").read_text().strip()
-    return chosen or sys.executable
+    return _chosen_python("PYRUNC_SHIM_PYTHON", "shim-python") or sys.executable
 
 
 def zygote_socket_path() -> str:
@@ -111,11 +117,7 @@ def start_python() -> str | None:
     :func:`shim_python`: ``PYRUNC_START_PYTHON``, else the one ``scripts/setup`` chose
     (``build/start-python``: the distribution's statically linked python3, which starts
     sooner)."""
-    chosen = os.environ.get("PYRUNC_START_PYTHON")
-    if chosen is None:
-        with contextlib.suppress(OSError):
-            chosen = (REPO / "build" / "start-python").read_text().strip()
-    return chosen or None
+    return _chosen_python("PYRUNC_START_PYTHON", "start-python")
 
 
 def zygote_spares(zygote_pid: int) -> list[int]:

@@ -50,6 +50,8 @@ def _expired(ctx: Context) -> bool:
     """The call's deadline has passed: whatever its handler returns now, the answer is
     DEADLINE_EXCEEDED (a handler that stops on ``ctx.cancelled`` returns just then)."""
     return ctx.deadline is not None and time.monotonic() >= ctx.deadline
+
+
 #: Seconds a handler may leave its full receive buffer untouched before its stream fails.
 STREAM_STALL_TIMEOUT = 1.0
 #: Default seconds a peer may leave the server's writes blocked (reading nothing) before
